@@ -1,0 +1,37 @@
+# megafork developer commands. `make test` and `make demo` install everything they need.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+# The CPU wheel. On a GPU machine override it, e.g. `make setup TORCH=torch==2.11.0`.
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.setup-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+# Torch goes in first and is pinned again beside the project, so no dependency can pull a CUDA
+# build. The stamp makes `make setup` idempotent; it is redone when the build inputs change.
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "$(TORCH)"
+	$(VPY) -m pip install -q -e ".[dev]" "$(TORCH)"
+	$(VPY) -c "import megafork._C, megatron.core, transformers; print('megafork setup ok')"
+	touch $(STAMP)
+
+test: setup
+	$(VPY) -m pytest tests $(PYTEST_ARGS)
+
+demo: setup
+	$(VPY) -m megafork.demo
+
+bench: setup
+	$(VPY) -m bench
+
+lint: setup
+	$(VENV)/bin/ruff check megafork tests bench tools examples
+
+clean:
+	rm -rf build *.egg-info megafork/*.so runs

@@ -1,0 +1,152 @@
+"""CPU mode for megatron-core (0.16.1 .. 0.19).
+
+megatron-core assumes CUDA in a handful of places: it allocates with
+`device=torch.cuda.current_device()` or `device="cuda"`, calls `torch.cuda.synchronize()`, and
+checks `param.grad.type() == "torch.cuda.FloatTensor"` before clipping. On a CPU-only torch
+each of these raises. We fix them with two mechanisms, both applied only when
+`torch.cuda.is_available()` is False, so a GPU run never sees them:
+
+1. **Device redirect, module by module.** Each module listed in `CPU_DEVICE_MODULES` gets its
+   `torch` global replaced by `_CpuTorch`, a view of torch in which `torch.cuda.current_device()`
+   is `"cpu"`, `torch.cuda.synchronize()` is a no-op, and factory functions asked for
+   `device="cuda"` allocate on the CPU. Every other module, and torch itself, is untouched.
+2. **One function replaced:** `clip_grad_by_total_norm_fp32` (optimizer/clip_grads.py) asserts
+   CUDA grads; the optimizer gets an equivalent that scales CPU grads in place.
+
+Avoided without a patch (see megafork.distributed): the CUDA RNG tracker (megatron's
+inference tracker, whose fork() is a no-op, with dropout 0) and the causal mask built on
+"cuda" (the redirect covers transformer/utils.py; callers may also pass an explicit mask).
+"""
+from __future__ import annotations
+
+import importlib
+import types
+
+import torch
+
+# module -> the megatron code it serves.
+CPU_DEVICE_MODULES: dict[str, str] = {
+    "megatron.core.tensor_parallel.mappings": "gather/reduce-scatter buffers on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.layers": "linear-layer buffers and weight allocation on the current device",
+    "megatron.core.tensor_parallel.random": "RNG state lookups keyed by torch.cuda.current_device()",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "RoPE inv_freq placed on the current device",
+    "megatron.core.models.gpt.gpt_model": "MTP/label buffers on the current device",
+    "megatron.core.transformer.utils": "get_default_causal_mask built with device='cuda'",
+    "megatron.core.transformer.attention": "KV buffers on the current device",
+    "megatron.core.transformer.dot_product_attention": "attention-score buffers on the current device",
+    "megatron.core.transformer.module": "Float16Module buffers on the current device",
+    "megatron.core.transformer.transformer_layer": "offload/recompute buffers on the current device",
+    "megatron.core.pipeline_parallel.p2p_communication": "shape exchange on the current device, torch.cuda.synchronize",
+    "megatron.core.pipeline_parallel.schedules": "total_num_tokens counters created with device='cuda'",
+    "megatron.core.distributed.param_and_grad_buffer": "param/grad buffers on the current device",
+    "megatron.core.distributed.distributed_data_parallel": "torch.cuda.synchronize/empty_cache in buffer lifecycle",
+    "megatron.core.optimizer.optimizer": "found_inf / scale tensors created with device='cuda'",
+    "megatron.core.optimizer.clip_grads": "grad-norm accumulators created with device='cuda'",
+    "megatron.core.optimizer.distrib_optimizer": "shard buffers on the current device",
+    "megatron.core.utils": "param-hash and norm helpers created with device='cuda'",
+}
+
+_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
+              "empty_like", "zeros_like", "ones_like", "full_like", "as_tensor")
+_applied = False
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return "cpu"
+    if str(device).startswith("cuda"):
+        return "cpu"
+    return device
+
+
+class _CpuCuda(types.ModuleType):
+    """torch.cuda as megatron should see it on a CPU-only machine."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return "cpu"
+
+    @staticmethod
+    def synchronize(device=None):
+        return None
+
+    @staticmethod
+    def empty_cache():
+        return None
+
+
+class _CpuTorch(types.ModuleType):
+    """torch, with CUDA device requests redirected to the CPU. Everything else is torch."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+        for name in _FACTORIES:
+            setattr(self, name, _redirect(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _redirect(fn):
+    def factory(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)
+        return fn(*args, **kwargs)
+
+    factory.__name__ = fn.__name__
+    factory.__doc__ = f"torch.{fn.__name__} with device='cuda' redirected to the CPU (megafork.compat)."
+    return factory
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """CPU twin of megatron's clip_grad_by_total_norm_fp32: scale grads by max_norm/total_norm."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for g in grads:
+            g.mul_(clip_coeff)
+
+
+def apply_cpu_patches() -> bool:
+    """Make megatron-core runnable on a CPU-only torch. Idempotent.
+
+    Returns:
+        True if the patches are (now) applied, False when CUDA is available and nothing was done.
+    """
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    cpu_torch = _CpuTorch()
+    for module_name in CPU_DEVICE_MODULES:
+        module = importlib.import_module(module_name)
+        if getattr(module, "torch", None) is not torch:
+            raise RuntimeError(f"megafork.compat: {module_name} has no 'torch' global to redirect; "
+                               "this megatron-core version is not supported (expected >=0.16.1,<0.20)")
+        module.torch = cpu_torch
+    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+    if not hasattr(optimizer, "clip_grad_by_total_norm_fp32"):
+        raise RuntimeError("megafork.compat: megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32 "
+                           "not found; this megatron-core version is not supported")
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    _applied = True
+    return True
+
+
+def cpu_patches_applied() -> bool:
+    """True once `apply_cpu_patches` has patched this process."""
+    return _applied
