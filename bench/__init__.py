@@ -1,0 +1,1 @@
+"""megafork benchmarks: `make bench` (`python -m bench [name ...]`) prints ratio tables."""
