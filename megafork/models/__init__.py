@@ -1,0 +1,1 @@
+"""Model families megafork trains (Qwen3 today)."""

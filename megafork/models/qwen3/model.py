@@ -1,0 +1,129 @@
+"""Build Qwen3 as a megatron-core `GPTModel`, sharded over the groups it is given.
+
+    groups = init_distributed(ParallelConfig(tp=2, pp=2))
+    hf = read_hf_config(hf_dir)
+    model = build_qwen3(hf, Qwen3BuildOptions(dtype="bf16"), groups)
+    hidden = model(ids, pos, None, return_hidden=True)   # last stage: [s, b, h] after final norm
+    logits = model(ids, pos, None)                        # last stage: [b, s, V_pad/tp]
+    w = model.output_weight()                             # [V_pad/tp, h] shard (tied or not)
+
+`Qwen3GPTModel` is GPTModel plus one output switch: with `return_hidden=True` the last stage
+stops after the decoder's final RMSNorm and returns hidden states in megatron's [s, b, h]
+layout, so a fused LM head (megafork.ops) can take them with `output_weight()` and never
+materialise [T, V] logits. Everything else (PP stages, tied embeddings, sharded_state_dict for
+dist_checkpointing) is GPTModel's own code.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from megafork.models.qwen3.config import (
+    Qwen3BuildOptions,
+    Qwen3HFConfig,
+    padded_vocab_size,
+    te_available,
+    to_transformer_config,
+)
+
+
+class Qwen3GPTModel(GPTModel):
+    """megatron-core GPTModel that can also return final hidden states on the last stage.
+
+    Attributes:
+        hf_config: the HF config the model was built from.
+        vocab_size_unpadded: the HF vocab size (the rest of `vocab_size` is padding rows).
+    """
+
+    hf_config: Qwen3HFConfig
+    vocab_size_unpadded: int
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, return_hidden: bool = False, **kwargs):
+        """GPTModel.forward; with `return_hidden=True` the last stage returns [s, b, h] hidden states.
+
+        Args:
+            input_ids: [b, s] token ids (first stage; ignored on later stages).
+            position_ids: [b, s] positions.
+            attention_mask: None for the causal mask megatron builds itself, or a bool
+                [b, 1, s, s] mask where True marks positions that must NOT be attended.
+            *args: passed to GPTModel.forward.
+            return_hidden: on the last stage return the decoder output after the final RMSNorm
+                ([s, b, h], sequence-parallel-scattered when SP is on) instead of logits.
+            **kwargs: passed to GPTModel.forward (labels, packed_seq_params, ...).
+        """
+        self._return_hidden = return_hidden
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        finally:
+            self._return_hidden = False
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        # The decoder block of the last stage already applied final_layernorm.
+        if getattr(self, "_return_hidden", False) and self.post_process:
+            return hidden_states
+        return super()._postprocess(hidden_states, *args, **kwargs)
+
+    def output_weight(self) -> torch.Tensor | None:
+        """The LM-head weight shard [V_pad/tp, h] on the last stage (the embedding when tied).
+
+        Rows past `vocab_size_unpadded` (globally) are padding and must be masked by the head.
+        Returns None on stages without the head.
+        """
+        if not self.post_process:
+            return None
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+
+def layer_spec(hf: Qwen3HFConfig, opts: Qwen3BuildOptions):
+    """The transformer-layer spec: TE's when transformer-engine imports (or spec='te'), else local.
+
+    Args:
+        hf: the HF config (unused today; dense Qwen3 layers are all alike).
+        opts: build options; `opts.spec` forces "te" or "local".
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    use_te = opts.spec == "te" or (opts.spec == "auto" and te_available())
+    if opts.spec == "te" and not te_available():
+        raise ValueError("model.spec='te' but transformer-engine is not importable")
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+
+
+def build_qwen3(hf: Qwen3HFConfig, opts: Qwen3BuildOptions, groups, vp_stage: int | None = None) -> Qwen3GPTModel:
+    """Build this rank's stage of Qwen3 as a megatron-core GPTModel.
+
+    Args:
+        hf: validated HF config (`read_hf_config`).
+        opts: build options (dtype, recompute, SP, spec).
+        groups: `megafork.distributed.ParallelGroups` of this rank.
+        vp_stage: virtual pipeline stage (None without interleaving).
+
+    Returns:
+        The model on `groups.device`, in `opts.dtype`, with `hf_config` and
+        `vocab_size_unpadded` attached.
+    """
+    tcfg = to_transformer_config(hf, opts, tp=groups.tp_size, pp=groups.pp_size, cp=groups.cp_size)
+    model = Qwen3GPTModel(
+        config=tcfg,
+        transformer_layer_spec=layer_spec(hf, opts),
+        vocab_size=padded_vocab_size(hf.vocab_size, groups.tp_size, opts.vocab_multiple),
+        max_sequence_length=hf.max_position_embeddings,
+        pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=hf.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=hf.rope_theta,
+        pg_collection=groups.pg_collection,
+        vp_stage=vp_stage,
+    )
+    model.hf_config = hf
+    model.vocab_size_unpadded = hf.vocab_size
+    return model.to(device=groups.device)
