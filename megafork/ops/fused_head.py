@@ -1,0 +1,187 @@
+"""Fused LM head: log-probs and entropy straight from hidden states, one logits chunk at a time.
+
+`fused_head_logprobs_entropy(hidden, weight_shard, labels)` equals
+`vocab_parallel_logprobs_entropy(hidden @ weight_shard.T, labels)` but never materialises the
+[T, V_local] logits: rows are processed in chunks of `chunk_size`, and only per-row statistics
+([T] vectors) are kept for the backward, which recomputes each chunk's logits. The backward
+recomputes and differentiates only the rows whose upstream gradient is non-zero, so a loss that
+masks most tokens (forking tokens) pays for the selected rows only.
+
+The gradient returned for `hidden` is summed over the TP group inside the backward (one
+all-reduce of [T, H]), which is what megatron's ColumnParallelLinear returns for its input.
+Do not also route `hidden` through `copy_to_tensor_model_parallel_region`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megafork.ops.vocab_stats import (
+    VocabShard,
+    all_reduce,
+    check_chunk_size,
+    check_labels,
+    check_temperature,
+    chunk_stats,
+    compute_dtype,
+    default_chunk,
+    logits_grad,
+    make_shard,
+    nonzero_rows,
+)
+
+
+def check_head_inputs(hidden, weight_shard, labels, tp_group, vocab_size, temperature, chunk_size):
+    """Validate the LM-head inputs; returns (shard, temperature, hidden as [T, H], labels as [T])."""
+    for name, t in (("hidden", hidden), ("weight_shard", weight_shard)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            found = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected a floating tensor, found {found}")
+    if weight_shard.dim() != 2:
+        raise ValueError(f"weight_shard: expected [V_local, H], found shape {tuple(weight_shard.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight_shard.shape[1]:
+        raise ValueError(f"hidden: expected [..., H] with H = {weight_shard.shape[1]} (weight_shard's "
+                         f"second dim), found shape {tuple(hidden.shape)}")
+    if hidden.dtype != weight_shard.dtype:
+        raise ValueError(f"hidden: expected dtype {weight_shard.dtype} (that of weight_shard), found {hidden.dtype}")
+    if hidden.device != weight_shard.device or labels.device != hidden.device:
+        raise ValueError(f"hidden/weight_shard/labels: expected one device, found {hidden.device}, "
+                         f"{weight_shard.device}, {labels.device}")
+    temperature = check_temperature(temperature)
+    check_chunk_size(chunk_size)
+    shard = make_shard(weight_shard.shape[0], tp_group, vocab_size)
+    check_labels(labels, hidden.shape[:-1], shard, "hidden")
+    return shard, temperature, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+
+
+def block_logits(h: torch.Tensor, w_valid: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """[c, valid] logits of a row block in the compute dtype, owned by the caller."""
+    z = h @ w_valid.T
+    return z if z.dtype == cd else z.to(cd)
+
+
+def add_head_grads(dz: torch.Tensor, h_sel: torch.Tensor, w_valid: torch.Tensor, rows: torch.Tensor | None,
+                   dh: torch.Tensor | None, dw: torch.Tensor | None) -> None:
+    """dh[rows] = dz @ W and dw += dz^T @ h_sel for one block: the two gradient GEMMs.
+
+    Args:
+        dz: [k, valid] logits gradient of the selected rows (compute dtype).
+        h_sel: [k, H] hidden states of the selected rows.
+        w_valid: [valid, H] unpadded weight rows.
+        rows: [k] indices of the selected rows within the block, or None for every row.
+        dh: [c, H] slice of the hidden-gradient buffer to fill, or None.
+        dw: [valid, H] weight-gradient accumulator (compute dtype), or None.
+    """
+    dzw = dz if dz.dtype == w_valid.dtype else dz.to(w_valid.dtype)
+    if dh is not None:
+        if rows is None:
+            torch.matmul(dzw, w_valid, out=dh)
+        else:
+            dh.index_copy_(0, rows, dzw @ w_valid)
+    if dw is not None:
+        if h_sel.dtype == dw.dtype:
+            dw.addmm_(dz.T, h_sel)
+        else:  # half-precision GEMM, fp32 accumulation across blocks
+            dw.add_(dzw.T @ h_sel)
+
+
+def full_weight_grad(dw: torch.Tensor, shard: VocabShard, weight: torch.Tensor) -> torch.Tensor:
+    """Pad the [valid, H] gradient back to the [V_local, H] shard (padding rows get zero)."""
+    if shard.valid == shard.local_size:
+        return dw.to(weight.dtype)
+    out = torch.zeros_like(weight)
+    out[:shard.valid] = dw
+    return out
+
+
+class _FusedHeadLogprobEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, shard: VocabShard, temperature: float, group, chunk: int):
+        t, cd = hidden.shape[0], compute_dtype(hidden.dtype)
+        w_valid = weight[:shard.valid]
+        logprob, entropy = hidden.new_empty(t, dtype=cd), hidden.new_empty(t, dtype=cd)
+        saved = hidden.new_empty(3, t, dtype=cd)  # max, sum_exp, mean_shifted
+        for a in range(0, t, chunk):
+            b = min(t, a + chunk)
+            z = block_logits(hidden[a:b], w_valid, cd)
+            e, st = chunk_stats(z, labels[a:b], shard, temperature, group)
+            del z, e  # keep at most one block of logits alive
+            logprob[a:b], entropy[a:b] = st.logprob, st.entropy
+            saved[0, a:b], saved[1, a:b], saved[2, a:b] = st.max, st.sum_exp, st.mean_shifted
+        ctx.save_for_backward(hidden, weight, labels, saved)
+        ctx.shard, ctx.temperature, ctx.group, ctx.chunk = shard, temperature, group, chunk
+        ctx.set_materialize_grads(False)
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, g_logprob, g_entropy):
+        hidden, weight, labels, saved = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if (g_logprob is None and g_entropy is None) or not (need_h or need_w):
+            return (None,) * 7
+        shard, temperature, chunk = ctx.shard, ctx.temperature, ctx.chunk
+        m, sum_exp, mean_shifted = saved
+        t, cd = hidden.shape[0], saved.dtype
+        w_valid = weight[:shard.valid]
+        dh = torch.zeros_like(hidden) if need_h else None
+        dw = hidden.new_zeros(shard.valid, hidden.shape[1], dtype=cd) if need_w else None
+        g1 = None if g_logprob is None else g_logprob.to(cd)
+        g2 = None if g_entropy is None else g_entropy.to(cd)
+        for a in range(0, t, chunk):
+            b = min(t, a + chunk)
+            rows = nonzero_rows(b - a, hidden.device, *(None if g is None else g[a:b] for g in (g1, g2)))
+            if rows is not None and rows.numel() == 0:
+                continue
+            # Only the rows with a gradient are recomputed and differentiated.
+            idx = slice(a, b) if rows is None else rows + a
+            h = hidden[idx]
+            z = block_logits(h, w_valid, cd)
+            if temperature != 1.0:
+                z.div_(temperature)
+            z.sub_(m[idx, None])
+            e = torch.exp(z)
+            dz = logits_grad(e, z, labels[idx], shard, temperature, sum_exp[idx], mean_shifted[idx],
+                             None if g1 is None else g1[idx], None if g2 is None else g2[idx])
+            del z
+            add_head_grads(dz, h, w_valid, rows, None if dh is None else dh[a:b], dw)
+        if dh is not None:
+            all_reduce(dh, dist.ReduceOp.SUM, ctx.group)
+        return dh, None if dw is None else full_weight_grad(dw, shard, weight), None, None, None, None, None
+
+
+def fused_head_logprobs_entropy(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact log p(label) and entropy per token from hidden states and the LM-head weight shard.
+
+    Args:
+        hidden: [T, H] (or [..., H]) final hidden states, replicated on every TP rank.
+        weight_shard: [V_local, H] this rank's rows of the output-layer (or tied embedding)
+            weight; rank r holds global ids [r*V_local, (r+1)*V_local).
+        labels: [T] (or [...]) global target ids in [0, vocab_size).
+        tp_group: the tensor-parallel group; None on one process.
+        temperature: softmax over logits / temperature.
+        vocab_size: the true vocabulary when V_local * tp size includes padding.
+        chunk_size: rows per logits chunk; None picks about 2**25 / V_local rows. Peak extra
+            memory is O(chunk_size * V_local).
+
+    Returns:
+        (logprobs, entropy) shaped like `labels`, fp32 (fp64 for fp64 inputs), differentiable
+        w.r.t. `hidden` (the gradient is summed over the TP group) and `weight_shard` (local).
+
+    Raises:
+        ValueError: mismatched shapes, dtypes or devices, labels out of range, or bad
+            temperature / vocab_size / chunk_size.
+    """
+    shard, temperature, h2d, labels1d = check_head_inputs(
+        hidden, weight_shard, labels, tp_group, vocab_size, temperature, chunk_size)
+    chunk = default_chunk(max(h2d.shape[0], 1), shard.local_size, chunk_size)
+    logprobs, entropy = _FusedHeadLogprobEntropy.apply(
+        h2d, weight_shard, labels1d, shard, temperature, tp_group, chunk)
+    return logprobs.view(labels.shape), entropy.view(labels.shape)

@@ -1,0 +1,197 @@
+"""Fused policy-gradient LM head: DAPO loss, with the LM-head gradients computed in the forward.
+
+    loss, metrics = fused_head_policy_loss(hidden, weight, labels, old_logprobs, advantages,
+                                           fork_mask, tp_group=tp, normalizer=n_global)
+    loss.backward()          # only scales the stored gradients by grad_output
+
+Per chunk of rows, the forward pass computes the logits (one GEMM), the exact vocab-parallel
+statistics, the per-token log-prob and entropy, and dL/dlogprob from
+`megafork.algo.loss.dapo_token_loss`. For the rows with a non-zero gradient (a subset of
+`loss_mask`: the forking tokens, minus tokens whose ratio is clipped), it gathers those rows
+and runs the two gradient GEMMs, dh = dz W and dW += dz^T h. So the LM head costs one logits
+GEMM plus about 2*rho gradient GEMMs, against three (four with recompute) for autograd, and no
+chunk's logits outlive the chunk.
+
+Gradients, and how they reach Megatron:
+* dW is local to the TP rank's vocab shard. It is returned through autograd for the
+  `weight_shard` input, so when that tensor is the parameter itself (`output_layer.weight`,
+  or the shared embedding weight when tied) megatron DDP's grad-accumulation hook sees it in
+  `param.grad` and adds it to `param.main_grad`, as for any other layer.
+* dh is all-reduced (SUM) over the TP group in the forward, so `hidden` gets the full gradient
+  (ColumnParallelLinear's input-gradient semantics). With sequence parallelism, gather the
+  hidden states with `gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)`
+  so the backward splits instead of reduce-scattering an already-summed gradient.
+* The stored dh [T, H] and dW [V_local, H] (fp32 accumulation, cast to the weight dtype) live
+  from this forward to its backward; Megatron's schedules run the last stage's backward right
+  after its forward, so one micro-batch's worth is held at a time.
+
+Wiring into megatron-core's `forward_backward_func` (megatron-core 0.16):
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        hidden = final_hidden_states(model, batch)        # [S, B, H] after the final norm
+        hidden = hidden.transpose(0, 1).reshape(-1, H)   # token order of labels.reshape(-1)
+        weight = (model.shared_embedding_or_output_weight()
+                  if model.share_embeddings_and_output_weights else model.output_layer.weight)
+        loss, metrics = fused_head_policy_loss(hidden, weight, batch.labels.reshape(-1), ...,
+                                               normalizer=global_token_count, tp_group=tp)
+        return loss, partial(loss_func, metrics)           # loss_func returns (loss, num, metrics)
+
+`final_hidden_states` is the decoder output the GPTModel would feed its `output_layer`. In
+megatron-core 0.16.1 `GPTModel._postprocess` returns it before the output layer when
+`model.post_process` is False, while `output_layer.weight` stays a registered parameter with
+its DDP hooks. With `calculate_per_token_loss=False` the schedule divides the loss by the number
+of micro-batches; pass `normalizer` so that the per-micro-batch losses sum to the step's loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megafork.algo.loss import (
+    check_clip,
+    check_token_tensors,
+    dapo_metrics,
+    dapo_token_loss,
+    resolve_normalizer,
+)
+from megafork.ops.fused_head import add_head_grads, block_logits, check_head_inputs, full_weight_grad
+from megafork.ops.vocab_stats import (
+    all_reduce,
+    chunk_stats,
+    compute_dtype,
+    default_chunk,
+    logits_grad,
+    nonzero_rows,
+)
+
+
+class _LossWithStoredGrads(torch.autograd.Function):
+    """Identity on the loss value; its backward hands out gradients computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, loss, hidden, weight, dh, dw):
+        ctx.grads = (dh, dw)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError("fused_head_policy_loss: backward ran twice through the same loss; its "
+                               "stored gradients were already handed out (recompute the loss instead)")
+        dh, dw = ctx.grads
+        ctx.grads = None
+        # Scaled in place: the stored buffers belong to this node alone.
+        if dh is not None:
+            dh.mul_(grad_output.to(dh.dtype))
+        if dw is not None:
+            dw.mul_(grad_output.to(dw.dtype))
+        return None, dh, dw, None, None
+
+
+def fused_head_policy_loss(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    clip_ratio_c: float | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    response_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DAPO loss from hidden states and the LM-head weight shard, gradients formed in the forward.
+
+    The value and gradients equal `dapo_policy_loss(log_softmax(hidden @ W.T / temperature)
+    [labels], ...)` under autograd, for any mask, at any TP size.
+
+    Args:
+        hidden: [T, H] (or [..., H]) final hidden states, replicated over the TP group.
+        weight_shard: [V_local, H] this rank's slice of the output-layer weight.
+        labels: [T] (or [...]) global ids of the sampled tokens.
+        old_logprobs: [T] log-probs of the old/rollout policy.
+        advantages: [T] per-token advantages.
+        loss_mask: [T] bool (or 0/1): the tokens that carry loss (forking tokens).
+        tp_group: the tensor-parallel group; None on one process.
+        temperature: softmax over logits / temperature.
+        vocab_size: the true vocabulary when V_local * tp size includes padding.
+        chunk_size: rows per logits chunk; None picks about 2**25 / V_local rows.
+        clip_low, clip_high, clip_ratio_c: DAPO clip settings (see `dapo_policy_loss`).
+        normalizer: the global token count the summed loss is divided by; None means the local
+            loss_mask count (single process only).
+        response_mask: optional [T] mask of all response tokens, for the `entropy_all` metric.
+
+    Returns:
+        (loss, metrics): the scalar loss (differentiable w.r.t. hidden and weight_shard when they
+        require grad and grad mode is on; otherwise no gradient work is done), and the metrics of
+        `dapo_policy_loss` plus detached per-token `logprobs` and `entropy` shaped like labels.
+
+    Raises:
+        ValueError: any input of the wrong shape, dtype, device or range (the message names it).
+    """
+    shard, temperature, h2d, labels1d = check_head_inputs(
+        hidden, weight_shard, labels, tp_group, vocab_size, temperature, chunk_size)
+    masks = {"loss_mask": loss_mask}
+    if response_mask is not None:
+        masks["response_mask"] = response_mask
+    masks = check_token_tensors(labels.shape, hidden.device,
+                                {"old_logprobs": old_logprobs, "advantages": advantages}, masks)
+    mask, response = masks["loss_mask"].reshape(-1), masks.get("response_mask")
+    check_clip(clip_low, clip_high, clip_ratio_c)
+    norm = resolve_normalizer(normalizer, mask)
+    old1d, adv1d = old_logprobs.reshape(-1), advantages.reshape(-1)
+
+    grad_on = torch.is_grad_enabled()
+    need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight_shard.requires_grad
+    t, cd = h2d.shape[0], compute_dtype(h2d.dtype)
+    chunk = default_chunk(max(t, 1), shard.local_size, chunk_size)
+    w_valid = weight_shard.detach()[:shard.valid]
+    h_all = h2d.detach()
+    logprob, entropy = h_all.new_empty(t, dtype=cd), h_all.new_empty(t, dtype=cd)
+    dh = torch.zeros_like(h_all) if need_h else None
+    dw = h_all.new_zeros(shard.valid, h_all.shape[1], dtype=cd) if need_w else None
+    scale = 1.0 / norm
+
+    with torch.no_grad():
+        for a in range(0, t, chunk):
+            b = min(t, a + chunk)
+            h = h_all[a:b]
+            z = block_logits(h, w_valid, cd)
+            e, st = chunk_stats(z, labels1d[a:b], shard, temperature, tp_group)
+            del z  # the entropy gradient is not needed, so s - m can go now
+            logprob[a:b], entropy[a:b] = st.logprob, st.entropy
+            if not (need_h or need_w):
+                continue
+            _, dl = dapo_token_loss(st.logprob, old1d[a:b].to(cd), adv1d[a:b].to(cd),
+                                    clip_low, clip_high, clip_ratio_c)
+            g = torch.where(mask[a:b], dl, torch.zeros_like(dl)) * scale
+            rows = nonzero_rows(b - a, h.device, g)
+            if rows is not None and rows.numel() == 0:
+                continue
+            if rows is not None:
+                e, h = e.index_select(0, rows), h.index_select(0, rows)
+            sel = slice(None) if rows is None else rows
+            dz = logits_grad(e, None, labels1d[a:b][sel], shard, temperature,
+                             st.sum_exp[sel], st.mean_shifted[sel], g[sel], None)
+            add_head_grads(dz, h, w_valid, rows, None if dh is None else dh[a:b], dw)
+            del e, dz
+        if dh is not None:
+            all_reduce(dh, dist.ReduceOp.SUM, tp_group)
+
+    lp, ent = logprob.view(labels.shape), entropy.view(labels.shape)
+    token_loss, _ = dapo_token_loss(lp, old_logprobs.to(cd), advantages.to(cd), clip_low, clip_high, clip_ratio_c)
+    loss = torch.where(mask.view(labels.shape), token_loss, torch.zeros_like(token_loss)).sum() / norm
+    metrics = dapo_metrics(lp, old_logprobs, advantages, mask.view(labels.shape), clip_low, clip_high,
+                           clip_ratio_c, ent, response)
+    metrics["logprobs"], metrics["entropy"] = lp, ent
+    if need_h or need_w:
+        dw_full = None if dw is None else full_weight_grad(dw, shard, weight_shard)
+        dh_out = None if dh is None else dh.view(hidden.shape)
+        loss = _LossWithStoredGrads.apply(loss, hidden, weight_shard, dh_out, dw_full)
+    return loss, metrics
