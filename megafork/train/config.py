@@ -1,0 +1,541 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides, validated before any work.
+
+    cfg = load_config("examples/configs/tiny_cpu.yaml", ["forking.ratio=0.1", "optim.lr=3e-4"])
+    cfg.save_resolved("runs/tiny/config.yaml")
+
+Sections (one dataclass each, two levels deep): model, parallel, rollout, algo, forking, data,
+optim, train, eval, log. The forking-token knobs live in their own `forking` section so the keys
+read as in the paper and the issue: `forking.ratio`, `forking.mode`, `forking.scope`.
+
+Defaults are the paper's settings (arXiv 2506.01939, released 14B DAPO script; REFERENCE.md).
+Every value is checked against its field's type (enums are `Literal`s) and range; an unknown key,
+a bad value or a malformed override raises `ConfigError` naming the key, what was expected and
+what was found.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from megafork.distributed import ParallelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Value parsing and checking, driven by the dataclass field types.
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a float", bool: "a bool (true/false)", str: "a string"}.get(tp, str(tp))
+
+
+def coerce(value: Any, tp, key: str) -> Any:
+    """Convert `value` (from YAML or an override string) to the field type `tp`, or raise.
+
+    Strings are parsed for numbers and bools so that `optim.lr=1e-6` works from the command line
+    (and from YAML, whose 1.1 spec reads `1e-6` as a string).
+
+    Args:
+        value: the raw value.
+        tp: the resolved field type (int, float, bool, str, Literal[...] or list[...]).
+        key: the dotted key, for messages.
+    """
+    found = f"found {value!r} ({type(value).__name__})"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{key}: expected one of {list(choices)}, {found}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, {found}")
+        (inner,) = typing.get_args(tp)
+        return [coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, {found}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, {found}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, {found}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # e.g. a run name written as a number in YAML
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, {found}")
+    raise TypeError(f"{key}: unsupported config field type {tp!r}")
+
+
+def _check_types(obj, section: str) -> None:
+    """Re-check every field of a section dataclass (covers configs built directly in Python)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key = f"{section}.{f.name}"
+        value = getattr(obj, f.name)
+        coerced = coerce(value, hints[f.name], key)
+        if hints[f.name] is float and isinstance(value, int) and not isinstance(value, bool):
+            setattr(obj, f.name, coerced)  # accept 1 for 1.0
+        elif type(coerced) is not type(value):
+            raise ConfigError(f"{key}: expected {_type_name(hints[f.name])}, found {value!r} ({type(value).__name__})")
+
+
+def _require(cond: bool, key: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: expected {expected}, found {value!r}")
+
+
+def _positive(obj, section: str, *names: str, allow_zero: bool = False) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _require(v >= 0 if allow_zero else v > 0, f"{section}.{n}", ">= 0" if allow_zero else "> 0", v)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections.
+
+@dataclass
+class ModelConfig:
+    """The policy model.
+
+    Attributes:
+        hf_path: HF Qwen3 directory (config.json, safetensors, tokenizer); also the rollout weights.
+        megatron_path: a megatron dist checkpoint to start from instead ("" = convert `hf_path`).
+        dtype: parameter/compute dtype of the trainer.
+        transformer_impl: megatron layer spec; "transformer_engine" needs TE on GPU.
+        head_chunk_tokens: tokens per chunk of the fused LM head (bounds the [chunk, V/tp] logits).
+    """
+
+    hf_path: str = ""
+    megatron_path: str = ""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    head_chunk_tokens: int = 4096
+
+    def __post_init__(self):
+        _check_types(self, "model")
+        _positive(self, "model", "head_chunk_tokens")
+
+
+@dataclass
+class RolloutConfig:
+    """Response generation.
+
+    Attributes:
+        engine: "embedded" (transformers, in the trainer's processes) or "sglang" (HTTP servers).
+        sglang_urls: base URLs of SGLang servers (required when engine is "sglang").
+        temperature: sampling temperature (the paper samples at 1.0; entropies are at this T).
+        top_p: nucleus threshold.
+        top_k: top-k cut (-1 = off).
+        max_response_len: response token cap (paper: 20,480).
+        batch_size: prompts per generate call of the embedded engine.
+        weight_sync_bucket_mb: bucket size for weight sync to the engine.
+        weight_sync_checksum: verify a checksum of every synced bucket.
+    """
+
+    engine: Literal["embedded", "sglang"] = "embedded"
+    sglang_urls: list[str] = field(default_factory=list)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_response_len: int = 20480
+    batch_size: int = 64
+    weight_sync_bucket_mb: int = 512
+    weight_sync_checksum: bool = False
+
+    def __post_init__(self):
+        _check_types(self, "rollout")
+        _positive(self, "rollout", "temperature", "max_response_len", "batch_size", "weight_sync_bucket_mb")
+        _require(0.0 < self.top_p <= 1.0, "rollout.top_p", "a float in (0, 1]", self.top_p)
+        _require(self.top_k == -1 or self.top_k >= 1, "rollout.top_k", "-1 or an integer >= 1", self.top_k)
+        if self.engine == "sglang":
+            _require(bool(self.sglang_urls), "rollout.sglang_urls", "at least one URL when rollout.engine='sglang'",
+                     self.sglang_urls)
+        for i, url in enumerate(self.sglang_urls):
+            _require(url.startswith(("http://", "https://")), f"rollout.sglang_urls[{i}]", "an http(s):// URL", url)
+
+
+@dataclass
+class AlgoConfig:
+    """DAPO with GRPO advantages (paper defaults).
+
+    Attributes:
+        n: responses per prompt (the GRPO group size).
+        clip_low, clip_high: clip-higher epsilons: the ratio is clipped to [1 - clip_low, 1 + clip_high].
+        clip_ratio_c: dual-clip bound for negative advantages.
+        normalizer: "all_tokens" divides by every response token of the step (the paper's formula);
+            "selected_tokens" by the selected tokens only (the released code's token-mean).
+        adv_eps: epsilon in (r - mean) / (std + eps).
+        overlong_shaping: apply DAPO's soft overlong penalty.
+        overlong_buffer: tokens before `rollout.max_response_len` where the penalty ramps up.
+        overlong_penalty: the penalty reached at the cap.
+        dynamic_sampling: drop groups whose rewards are all equal and generate again.
+        max_sampling_rounds: generation rounds per step before giving up (and logging the shortfall).
+        oversample: prompts generated per round, as a multiple of `train.prompts_per_step`.
+    """
+
+    n: int = 16
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    clip_ratio_c: float = 10.0
+    normalizer: Literal["all_tokens", "selected_tokens"] = "all_tokens"
+    adv_eps: float = 1e-6
+    overlong_shaping: bool = True
+    overlong_buffer: int = 4096
+    overlong_penalty: float = 1.0
+    dynamic_sampling: bool = True
+    max_sampling_rounds: int = 10
+    oversample: float = 3.0
+
+    def __post_init__(self):
+        _check_types(self, "algo")
+        _require(self.n >= 2, "algo.n", "an integer >= 2 (GRPO needs a group)", self.n)
+        _require(0.0 < self.clip_low < 1.0, "algo.clip_low", "a float in (0, 1)", self.clip_low)
+        _positive(self, "algo", "clip_high", "adv_eps", "max_sampling_rounds", "oversample")
+        _require(self.clip_ratio_c > 1.0, "algo.clip_ratio_c", "a float > 1", self.clip_ratio_c)
+        _positive(self, "algo", "overlong_buffer", "overlong_penalty", allow_zero=True)
+        _require(self.oversample >= 1.0, "algo.oversample", "a float >= 1", self.oversample)
+
+
+@dataclass
+class ForkingConfig:
+    """Which response tokens get gradient.
+
+    Attributes:
+        ratio: fraction rho of response tokens kept (0.2 = the paper's top-20%).
+        mode: "top" (highest entropy, the method), "bottom" (lowest, the paper's ablation),
+            "random" (a ratio-sized random subset), "all" (plain DAPO; ratio unused).
+        scope: the token set the threshold is taken over: "step" (all response tokens of the
+            step on all DP x CP ranks, entropy from the old pass; the paper's formula),
+            "minibatch", "microbatch", or "local" (the released code: per micro-batch and rank,
+            exactly k tokens by torch.topk, entropy from the training forward pass).
+    """
+
+    ratio: float = 0.2
+    mode: Literal["top", "bottom", "random", "all"] = "top"
+    scope: Literal["step", "minibatch", "microbatch", "local"] = "step"
+
+    def __post_init__(self):
+        _check_types(self, "forking")
+        _require(0.0 < self.ratio <= 1.0, "forking.ratio", "a float in (0, 1]", self.ratio)
+
+
+@dataclass
+class DataConfig:
+    """Training prompts.
+
+    Attributes:
+        train_path: jsonl or parquet file of {"prompt", "answer"} or DAPO-Math-17k rows.
+        reward: registered reward name (`megafork.rewards.known_rewards()`).
+        max_prompt_len: prompts longer than this many tokens are bad rows (paper: 2,048).
+        on_bad_row: "error" stops at the first bad row; "skip" drops it, counts and logs it.
+        shuffle: reshuffle every epoch (deterministically, from `train.seed`).
+    """
+
+    train_path: str = ""
+    reward: str = "dapo"
+    max_prompt_len: int = 2048
+    on_bad_row: Literal["error", "skip"] = "error"
+    shuffle: bool = True
+
+    def __post_init__(self):
+        _check_types(self, "data")
+        _positive(self, "data", "max_prompt_len")
+        _require(bool(self.reward), "data.reward", "a registered reward name", self.reward)
+
+
+@dataclass
+class OptimConfig:
+    """Adam with warm-up and a schedule (paper: lr 1e-6, 10 warm-up steps, wd 0.1, clip 1.0).
+
+    Attributes:
+        lr: peak learning rate.
+        min_lr: floor of the cosine/linear decay.
+        warmup_steps: linear warm-up from 0.
+        schedule: "constant", "cosine" or "linear" after warm-up (decay ends at `train.steps`).
+        weight_decay: decoupled weight decay.
+        grad_clip: global grad-norm clip (0 disables).
+        adam_beta1, adam_beta2, adam_eps: Adam's constants.
+    """
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 10
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+
+    def __post_init__(self):
+        _check_types(self, "optim")
+        _positive(self, "optim", "lr", "adam_eps")
+        _positive(self, "optim", "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
+        _require(self.min_lr <= self.lr, "optim.min_lr", f"<= optim.lr={self.lr}", self.min_lr)
+        for n in ("adam_beta1", "adam_beta2"):
+            _require(0.0 <= getattr(self, n) < 1.0, f"optim.{n}", "a float in [0, 1)", getattr(self, n))
+
+
+@dataclass
+class TrainConfig:
+    """Step structure, checkpoints and seeds.
+
+    Attributes:
+        steps: RL steps (one step = one rollout batch and its updates).
+        prompts_per_step: prompts whose groups make one step's batch (paper: 512).
+        minibatch_prompts: prompts per optimizer update (paper: 32, i.e. 16 updates per step).
+        micro_batch_size: sequences per forward/backward micro-batch (per DP rank).
+        save_every: checkpoint every this many steps (0 = only at the end).
+        resume: "auto" (the latest checkpoint of the run, if any), "none", or a checkpoint path.
+        seed: seed for data order, sampling and every RNG.
+    """
+
+    steps: int = 500
+    prompts_per_step: int = 512
+    minibatch_prompts: int = 32
+    micro_batch_size: int = 4
+    save_every: int = 20
+    resume: str = "auto"
+    seed: int = 1234
+
+    def __post_init__(self):
+        _check_types(self, "train")
+        _positive(self, "train", "steps", "prompts_per_step", "minibatch_prompts", "micro_batch_size")
+        _positive(self, "train", "save_every", "seed", allow_zero=True)
+        _require(self.prompts_per_step % self.minibatch_prompts == 0, "train.prompts_per_step",
+                 f"a multiple of train.minibatch_prompts={self.minibatch_prompts}", self.prompts_per_step)
+        _require(bool(self.resume), "train.resume", "'auto', 'none' or a checkpoint path", self.resume)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out avg@k (paper: temperature 1.0, top-p 0.7, avg@16 or avg@32).
+
+    Attributes:
+        path: jsonl/parquet held-out set ("" = no evaluation).
+        every: evaluate every this many steps (0 = only before and after training).
+        k: samples per prompt; accuracy is averaged over them.
+        temperature: sampling temperature.
+        top_p: nucleus threshold.
+        max_prompts: evaluate at most this many prompts (0 = all).
+    """
+
+    path: str = ""
+    every: int = 20
+    k: int = 16
+    temperature: float = 1.0
+    top_p: float = 0.7
+    max_prompts: int = 0
+
+    def __post_init__(self):
+        _check_types(self, "eval")
+        _positive(self, "eval", "k", "temperature")
+        _positive(self, "eval", "every", "max_prompts", allow_zero=True)
+        _require(0.0 < self.top_p <= 1.0, "eval.top_p", "a float in (0, 1]", self.top_p)
+
+
+@dataclass
+class LogConfig:
+    """Where a run writes: `{dir}/{run_name}/` holds config.yaml, metrics.jsonl, tensorboard
+    events, checkpoints/, entropy dumps and plots/.
+
+    Attributes:
+        run_name: the run's directory name.
+        dir: parent directory of runs.
+        tensorboard: also write TensorBoard events.
+        progress_bar: rank 0 shows a progress bar.
+        entropy_dump_every: write `entropy_step{N}.pt` (see `megafork.analysis.io`) every this
+            many steps (0 = never); `megafork analyze` plots the latest one.
+    """
+
+    run_name: str = "run"
+    dir: str = "runs"
+    tensorboard: bool = True
+    progress_bar: bool = True
+    entropy_dump_every: int = 0
+
+    def __post_init__(self):
+        _check_types(self, "log")
+        _require(bool(self.run_name) and "/" not in self.run_name, "log.run_name", "a non-empty name without '/'",
+                 self.run_name)
+        _positive(self, "log", "entropy_dump_every", allow_zero=True)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.dir) / self.run_name
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "parallel": ParallelConfig, "rollout": RolloutConfig, "algo": AlgoConfig,
+    "forking": ForkingConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+    "eval": EvalConfig, "log": LogConfig,
+}
+
+
+@dataclass
+class Config:
+    """A whole run. Build it with `load_config` (or `Config.from_dict`)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    forking: ForkingConfig = field(default_factory=ForkingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self):
+        for name, cls in SECTIONS.items():
+            _require(isinstance(getattr(self, name), cls), name, f"a {cls.__name__}", getattr(self, name))
+        # ParallelConfig checks ranges only; type-check it like our own sections.
+        _check_types(self.parallel, "parallel")
+        if self.algo.overlong_shaping:
+            _require(self.algo.overlong_buffer < self.rollout.max_response_len, "algo.overlong_buffer",
+                     f"< rollout.max_response_len={self.rollout.max_response_len}", self.algo.overlong_buffer)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> Config:
+        """Build from a nested dict {section: {field: value}}, coercing each value to its field type.
+
+        Args:
+            raw: the nested mapping (e.g. parsed YAML).
+            source: where it came from, for messages.
+        """
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections {sorted(SECTIONS)}, found {type(raw).__name__}")
+        sections = {}
+        for name, body in raw.items():
+            if name not in SECTIONS:
+                raise ConfigError(f"{source}: unknown section {name!r}{_suggest(name, SECTIONS)}; "
+                                  f"known sections: {sorted(SECTIONS)}")
+            body = {} if body is None else body
+            if not isinstance(body, dict):
+                raise ConfigError(f"{name}: expected a mapping of fields, found {body!r} ({type(body).__name__})")
+            sec_cls = SECTIONS[name]
+            hints = typing.get_type_hints(sec_cls)
+            kwargs = {}
+            for key, value in body.items():
+                if key not in hints:
+                    raise ConfigError(f"{name}.{key}: unknown key{_suggest(key, hints)}; known keys in "
+                                      f"{name!r}: {sorted(hints)}")
+                kwargs[key] = coerce(value, hints[key], f"{name}.{key}")
+            try:
+                sections[name] = sec_cls(**kwargs)
+            except ConfigError:
+                raise
+            except ValueError as e:  # ParallelConfig raises ValueError with its own field names
+                raise ConfigError(str(e)) from e
+        return cls(**sections)
+
+    def to_dict(self) -> dict:
+        """Nested plain dict (YAML-safe) of every resolved value."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def save_resolved(self, path: str | Path) -> Path:
+        """Write the fully resolved config as YAML (loadable by `load_config`).
+
+        Args:
+            path: the output file (parent directories are created).
+        """
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return out
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_override(text: str) -> tuple[str, str, str]:
+    """Split `section.key=value` into (section, key, value); the value stays a string.
+
+    Args:
+        text: one command-line override.
+    """
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value (e.g. optim.lr=1e-6), found no '='")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: expected a key of the form section.key (two levels, e.g. "
+                          f"forking.ratio), found {key.strip()!r}")
+    return parts[0], parts[1], value.strip()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML run config and apply `section.key=value` overrides, validating everything.
+
+    Args:
+        path: YAML file (None = all defaults).
+        overrides: dotted overrides; later ones win. Values are parsed to the field's type
+            (lists as comma-separated strings).
+
+    Raises:
+        ConfigError: unknown section/key, unparsable or out-of-range value, malformed override.
+    """
+    raw: dict = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {source!r}: expected an existing YAML file, found nothing there")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {source!r}: expected valid YAML, found a parse error: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {source!r}: expected a mapping of sections, found {type(raw).__name__}")
+        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        body = raw.setdefault(section, {})
+        if body is None:
+            body = raw[section] = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{section}: expected a mapping of fields, found {body!r}")
+        body[key] = value
+    return Config.from_dict(raw, source=source)
