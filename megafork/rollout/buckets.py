@@ -1,0 +1,145 @@
+"""Flattened weight buckets (SGLang's `load_format="flattened_bucket"`) and tensor checksums.
+
+A bucket is one uint8 tensor holding the raw bytes of several tensors back to back, in the
+order of the `names` posted with it. No padding is allowed, so every tensor's byte offset must
+be a multiple of its dtype's itemsize (SGLang's receiver rejects unaligned offsets); `pack`
+orders a bucket by decreasing itemsize, which guarantees that for power-of-two itemsizes.
+
+    for bucket in iter_buckets(named_tensors, bucket_bytes=512 << 20):
+        flat, names, dtypes, shapes = pack(bucket)
+        ...broadcast flat...
+        tensors = unpack(received, layout(names, dtypes, shapes))
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: the spelling SGLang's `dtypes` field carries."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: object, field: str = "dtypes") -> torch.dtype:
+    """Parse a dtype name ('bfloat16' or 'torch.bfloat16').
+
+    Args:
+        name: the name from the request.
+        field: where it came from, for the error message.
+    """
+    if isinstance(name, str):
+        dtype = getattr(torch, name.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    raise ValueError(f"{field}: expected a torch dtype name such as 'bfloat16' or 'float32', found {name!r}")
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's raw bytes in its own dtype, independent of device and strides."""
+    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+    return hashlib.sha256(flat.numpy().data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one tensor lives inside a flattened bucket."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def layout(names: list[str], dtypes: list[torch.dtype], shapes: list[tuple[int, ...]]) -> list[Slot]:
+    """Byte layout of a flattened bucket from its metadata; checks alignment and shapes.
+
+    Args:
+        names: tensor names, in bucket order.
+        dtypes: their dtypes.
+        shapes: their shapes.
+    """
+    slots, offset = [], 0
+    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+        if any(d < 0 for d in shape):
+            raise ValueError(f"shapes: tensor {name!r} has a negative dimension {list(shape)}")
+        if offset % dtype.itemsize:
+            raise ValueError(f"names: tensor {name!r} ({dtype_name(dtype)}) would start at byte {offset}, "
+                             f"not a multiple of its itemsize {dtype.itemsize}; order the bucket by itemsize")
+        size = dtype.itemsize * _numel(shape)
+        slots.append(Slot(name, dtype, tuple(shape), offset, offset + size))
+        offset += size
+    return slots
+
+
+def bucket_bytes(slots: list[Slot]) -> int:
+    return slots[-1].end if slots else 0
+
+
+def pack(named_tensors: list[tuple[str, torch.Tensor]], device: torch.device | None = None
+         ) -> tuple[torch.Tensor, list[str], list[torch.dtype], list[tuple[int, ...]]]:
+    """Concatenate the raw bytes of tensors into one uint8 tensor.
+
+    Args:
+        named_tensors: (name, tensor) pairs; reordered by decreasing itemsize (stable).
+        device: where the flat tensor lives (default: the first tensor's device).
+
+    Returns:
+        (flat uint8 tensor, names, dtypes, shapes) in bucket order.
+    """
+    if not named_tensors:
+        raise ValueError("pack: a bucket needs at least one tensor")
+    ordered = sorted(named_tensors, key=lambda nt: -nt[1].element_size())
+    names = [n for n, _ in ordered]
+    dtypes = [t.dtype for _, t in ordered]
+    shapes = [tuple(t.shape) for _, t in ordered]
+    slots = layout(names, dtypes, shapes)
+    flat = torch.empty(bucket_bytes(slots), dtype=torch.uint8, device=device or ordered[0][1].device)
+    for slot, (_, t) in zip(slots, ordered):
+        flat[slot.start:slot.end].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+    return flat, names, dtypes, shapes
+
+
+def unpack(flat: torch.Tensor, slots: list[Slot]) -> list[tuple[str, torch.Tensor]]:
+    """Views of the tensors inside a received bucket (no copy)."""
+    if flat.dtype != torch.uint8 or flat.numel() != bucket_bytes(slots):
+        raise ValueError(f"unpack: expected a uint8 tensor of {bucket_bytes(slots)} bytes, "
+                         f"found {flat.dtype} with {flat.numel()} elements")
+    return [(s.name, flat[s.start:s.end].view(s.dtype).reshape(s.shape)) for s in slots]
+
+
+def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int
+                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a stream of tensors into buckets of at most `max_bytes` (a larger tensor goes alone).
+
+    Args:
+        named_tensors: (hf_name, full tensor) pairs, consumed lazily.
+        max_bytes: bucket capacity in bytes.
+    """
+    if max_bytes < 1:
+        raise ValueError(f"bucket_bytes: expected a positive byte count, found {max_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"weight sync: expected (hf_name: str, tensor) pairs, found ({type(name).__name__}, "
+                            f"{type(tensor).__name__})")
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

@@ -1,0 +1,297 @@
+"""The embedded rollout engine: `transformers.Qwen3ForCausalLM` in this process.
+
+    engine = EmbeddedEngine.from_pretrained("/path/to/hf_dir")        # CPU, or CUDA when present
+    samples = engine.generate([[1, 5, 7]], SamplingParams(n=4, temperature=1.0, seed=0))
+    engine.update_weights(export_hf_tensors(model, groups))            # HF names, full tensors
+
+Generation is batched with a KV cache: prompts are left-padded, the attention mask hides the
+padding and position ids count only real tokens, then one token per row is decoded per step
+until every row hits a stop token or `max_new_tokens`. Which log-prob each token reports is
+documented in `megafork.rollout.sampling`.
+
+Concurrent `generate` calls (the HTTP server runs one per request thread) interleave step by
+step under one lock; they are not merged into one batch. Weight updates take the same lock, so
+a forward step never sees half-updated weights.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from megafork.rollout.buckets import dtype_name, tensor_checksum
+from megafork.rollout.sampling import next_tokens, sample_generators
+from megafork.rollout.types import RolloutError, Sample, SamplingParams, validate_prompts
+
+log = logging.getLogger(__name__)
+
+PAUSE_MODES = ("abort", "retract", "in_place")
+
+
+class WeightUpdateError(ValueError):
+    """A weight update was rejected before any weight changed; the old weights keep serving."""
+
+
+class EmbeddedEngine:
+    """A Qwen3 (any HF causal LM) served from this process.
+
+    Args:
+        model: a `transformers` causal LM (e.g. `Qwen3ForCausalLM`), already on its device.
+        model_path: where it came from (reported by `/get_model_info`).
+        tokenizer: optional tokenizer with `encode`/`decode` for text prompts.
+        max_batch_rows: rows (prompts × n) per forward batch; larger requests run in chunks.
+    """
+
+    def __init__(self, model, model_path: str | None = None, tokenizer=None, max_batch_rows: int = 64):
+        if max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows: expected >= 1, found {max_batch_rows}")
+        self.model = model.eval()
+        self.model_path = model_path
+        self.tokenizer = tokenizer
+        self.max_batch_rows = max_batch_rows
+        self.weight_version = "default"
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._lock = threading.RLock()
+        self._running = threading.Event()
+        self._running.set()
+        self._abort_epoch = 0
+        eos = self.config.eos_token_id
+        self.eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        pad = self.config.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+        # transformers 5.x renamed `past_key_values` to `cache`; accept both generations.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, **kwargs) -> EmbeddedEngine:
+        """Load an HF checkpoint directory (config.json + safetensors, optional tokenizer).
+
+        Args:
+            model_path: HF model directory.
+            device: default CUDA when available, else CPU.
+            dtype: default bf16 on CUDA, the checkpoint's dtype on CPU.
+            **kwargs: passed to `EmbeddedEngine` (e.g. `max_batch_rows`).
+        """
+        from transformers import AutoModelForCausalLM
+
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {path}: expected an HF checkpoint directory with config.json")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else "auto"
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
+        return cls(model, model_path=str(path), tokenizer=load_tokenizer(path), **kwargs)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Sample]:
+        """Sample `sampling.n` responses per prompt; returns them prompt-major.
+
+        Args:
+            prompts: token-id lists.
+            sampling: sampling parameters (validated).
+        """
+        prompts = validate_prompts(prompts, self.config.vocab_size)
+        rows = [(i, p) for i, p in enumerate(prompts) for _ in range(sampling.n)]
+        gens = None if sampling.greedy else sample_generators(sampling.seed, len(rows), self.device)
+        self._wait_until_running()
+        epoch = self._abort_epoch
+        out: list[Sample] = []
+        for start in range(0, len(rows), self.max_batch_rows):
+            chunk = rows[start:start + self.max_batch_rows]
+            chunk_gens = None if gens is None else gens[start:start + len(chunk)]
+            out.extend(self._generate_chunk(chunk, sampling, chunk_gens, epoch))
+        return out
+
+    def _generate_chunk(self, rows, sampling: SamplingParams, gens, epoch) -> list[Sample]:
+        from transformers import DynamicCache
+
+        bsz = len(rows)
+        longest = max(len(p) for _, p in rows)
+        ids = torch.full((bsz, longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((bsz, longest), dtype=torch.long)
+        for r, (_, p) in enumerate(rows):
+            ids[r, longest - len(p):] = torch.tensor(p)
+            mask[r, longest - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        stops = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
+        stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
+
+        cache = DynamicCache(config=self.config)
+        responses = [[] for _ in range(bsz)]
+        logprobs = [[] for _ in range(bsz)]
+        reasons: list[str | None] = [None] * bsz
+        done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        step_ids, step_mask, step_pos = ids, mask, positions
+        for step in range(sampling.max_new_tokens):
+            if self._abort_epoch != epoch:
+                for r in range(bsz):
+                    reasons[r] = reasons[r] or "abort"
+                break
+            self._wait_until_running()
+            with self._lock:
+                logits = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
+                                    use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}).logits[:, -1]
+            tokens, lps = next_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p, gens)
+            tokens = torch.where(done, torch.full_like(tokens, self.pad_token_id), tokens)
+            hit_stop = torch.isin(tokens, stop_ids) & ~done
+            tok_list, lp_list = tokens.tolist(), lps.tolist()
+            for r in range(bsz):
+                if reasons[r] is None:
+                    responses[r].append(tok_list[r])
+                    logprobs[r].append(lp_list[r])
+                    if bool(hit_stop[r]):
+                        reasons[r] = "stop"
+                    elif step + 1 == sampling.max_new_tokens:
+                        reasons[r] = "length"
+            done |= hit_stop
+            if bool(done.all()):
+                break
+            step_ids = tokens[:, None]
+            step_mask = torch.cat([step_mask, torch.ones((bsz, 1), dtype=step_mask.dtype, device=self.device)], 1)
+            step_pos = step_pos[:, -1:] + 1
+        version = self.weight_version
+        return [Sample(prompt_index=i, response_ids=responses[r], logprobs=logprobs[r],
+                       finish_reason=reasons[r] or "length", weight_version=version)
+                for r, (i, _) in enumerate(rows)]
+
+    # ------------------------------------------------------------------ control
+
+    def pause(self, mode: str = "abort") -> None:
+        """Stop generating. New requests wait for `resume()`.
+
+        Args:
+            mode: "abort" ends in-flight requests at their next step with finish reason "abort"
+                (SGLang's default); "in_place"/"retract" hold them at their next step and let
+                them continue after `resume()`.
+        """
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode: expected one of {PAUSE_MODES}, found {mode!r}")
+        self._running.clear()
+        if mode == "abort":
+            self.abort_all()
+
+    def abort_all(self) -> None:
+        """End every in-flight request at its next step with finish reason "abort"."""
+        with self._lock:
+            self._abort_epoch += 1
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def health(self) -> bool:
+        """True when the model answers a one-token forward pass."""
+        try:
+            with self._lock, torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([[self.pad_token_id]], device=self.device)).logits
+            return bool(torch.isfinite(out).all())
+        except Exception:  # noqa: BLE001 - health reports, it does not raise
+            log.exception("embedded engine health check failed")
+            return False
+
+    def _wait_until_running(self) -> None:
+        while not self._running.wait(timeout=1.0):
+            pass
+
+    # ------------------------------------------------------------------ weights
+
+    def weight_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """HF name -> (shape, dtype) of every loadable tensor (tied names included)."""
+        return {n: (tuple(t.shape), t.dtype) for n, t in self.model.state_dict(keep_vars=True).items()}
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       weight_version: str | None = None) -> dict:
+        """Load full HF-named tensors. Everything is checked before anything is written.
+
+        Floating tensors of another dtype are cast to the engine's dtype (a bf16 trainer may
+        feed an fp32 engine). Names may be any subset of the model's tensors.
+
+        Args:
+            named_tensors: (hf_name, full tensor) pairs.
+            weight_version: new version string reported with samples, if given.
+
+        Returns:
+            {"num_tensors", "bytes", "seconds"}.
+
+        Raises:
+            WeightUpdateError: naming the first bad tensor; no weight has changed.
+        """
+        t0 = time.perf_counter()
+        targets = self.model.state_dict(keep_vars=True)
+        items = list(named_tensors)
+        seen = set()
+        for name, tensor in items:
+            if name not in targets:
+                hint = sorted(targets)[:3]
+                raise WeightUpdateError(f"names: {name!r} is not a tensor of this model (HF names such as {hint})")
+            if name in seen:
+                raise WeightUpdateError(f"names: {name!r} appears twice in one update")
+            seen.add(name)
+            want = targets[name]
+            if tuple(tensor.shape) != tuple(want.shape):
+                raise WeightUpdateError(f"shapes: {name!r} expected shape {list(want.shape)}, found {list(tensor.shape)}")
+            if tensor.is_floating_point() != want.is_floating_point():
+                raise WeightUpdateError(f"dtypes: {name!r} expected a {dtype_name(want.dtype)}-compatible dtype, "
+                                        f"found {dtype_name(tensor.dtype)}")
+        nbytes = 0
+        with self._lock, torch.no_grad():
+            for name, tensor in items:
+                targets[name].data.copy_(tensor)
+                nbytes += tensor.numel() * tensor.element_size()
+            if weight_version is not None:
+                self.weight_version = str(weight_version)
+        return {"num_tensors": len(items), "bytes": nbytes, "seconds": time.perf_counter() - t0}
+
+    def load_from_disk(self, model_path: str | Path, weight_version: str | None = None) -> dict:
+        """Load every tensor of an HF checkpoint directory's safetensors (all checked first)."""
+        from safetensors.torch import load_file
+
+        path = Path(model_path)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise WeightUpdateError(f"model_path: no *.safetensors files in {path}")
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(load_file(str(f)))
+        stats = self.update_weights(tensors.items(), weight_version=weight_version)
+        self.model_path = str(path)
+        return stats
+
+    def weights_checksum(self, names: list[str] | None = None) -> dict[str, str]:
+        """sha256 of each named weight's bytes in the engine's dtype (all weights by default)."""
+        targets = self.model.state_dict(keep_vars=True)
+        names = sorted(targets) if names is None else names
+        missing = [n for n in names if n not in targets]
+        if missing:
+            raise WeightUpdateError(f"names: not tensors of this model: {missing[:5]}")
+        with self._lock:
+            return {n: tensor_checksum(targets[n]) for n in names}
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's tokenizer, or None when it has no tokenizer files."""
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - a bad tokenizer must not stop input_ids serving
+        raise RolloutError(f"{path}: could not load its tokenizer ({exc}); remove the tokenizer files to serve "
+                           "input_ids only") from exc
