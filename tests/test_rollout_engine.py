@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megafork.rollout import EmbeddedEngine, LocalWeightSender, SamplingParams, WeightSyncConfig, WeightUpdateError
+from megafork.rollout import (
+    EmbeddedEngine,
+    LocalWeightSender,
+    SamplingParams,
+    WeightSyncConfig,
+    WeightUpdateError,
+)
 from megafork.rollout.buckets import iter_buckets, layout, pack, tensor_checksum, unpack
 from megafork.rollout.drift import rollout_logprob_drift
 from megafork.rollout.sampling import sampling_log_probs
