@@ -1,0 +1,115 @@
+"""`megafork analyze RUN_DIR`: regenerate a run's plots and print its entropy statistics.
+
+    megafork analyze runs/tiny_cpu                       # plots of the latest entropy dump
+    megafork analyze runs/tiny_cpu --step 40 --top 30
+    megafork analyze runs/tiny_cpu --overlap runs/a/entropy_step0.pt runs/b/entropy_step0.pt
+
+Reads the files described in `megafork.analysis.io` and writes into RUN_DIR/plots/:
+reward_accuracy.png, entropy_hist.png, forking_tokens.png, plus forking_tokens.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from megafork.analysis.io import list_dumps, read_entropy_dump, read_metrics
+from megafork.analysis.plots import plot_entropy_histogram, plot_token_frequencies, plot_training_curves
+from megafork.analysis.stats import entropy_percentiles, forking_token_table, format_token_table, top_overlap
+
+
+def _decoder(run_dir: Path, tokenizer_dir: str | None):
+    """id -> text with the run's tokenizer; ids shown as '#id' when none can be found (and said so)."""
+    path = tokenizer_dir
+    if path is None and (run_dir / "config.yaml").is_file():
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        path = (cfg.get("model") or {}).get("hf_path") or None
+    if path and Path(path).is_dir():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        return lambda i: tok.decode([i])
+    print(f"analyze: no tokenizer found (looked at {path or 'config.yaml model.hf_path'}); showing token ids",
+          file=sys.stderr)
+    return lambda i: f"#{i}"
+
+
+def analyze(run_dir: str | Path, step: int | None = None, tokenizer: str | None = None, top: int = 30) -> dict:
+    """Write the run's plots and return what was computed.
+
+    Args:
+        run_dir: the run directory.
+        step: which entropy dump to use (None = the latest).
+        tokenizer: HF tokenizer directory (default: `model.hf_path` from RUN_DIR/config.yaml).
+        top: rows in the token tables.
+
+    Returns:
+        {"plots": [paths], "percentiles": {...} | None, "threshold": float | None, "table": str | None}.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory {str(run)!r}: expected a directory, found nothing there")
+    plots_dir = run / "plots"
+    result: dict = {"plots": [], "percentiles": None, "threshold": None, "table": None}
+    metrics = run / "metrics.jsonl"
+    dumps = list_dumps(run)
+    if not metrics.is_file() and not dumps:
+        raise FileNotFoundError(f"run directory {str(run)!r}: expected metrics.jsonl or entropy_step*.pt, found "
+                                f"neither")
+    if metrics.is_file():
+        rows = read_metrics(metrics)
+        if rows:
+            result["plots"].append(plot_training_curves(rows, plots_dir / "reward_accuracy.png"))
+    if dumps:
+        if step is None:
+            step = max(dumps)
+        if step not in dumps:
+            raise FileNotFoundError(f"{run}: expected entropy_step{step}.pt, found dumps for steps {list(dumps)}")
+        dump = read_entropy_dump(dumps[step])
+        result["percentiles"] = entropy_percentiles(dump["entropy"])
+        result["threshold"] = dump["threshold"]
+        result["plots"].append(plot_entropy_histogram(
+            dump["entropy"], dump["threshold"], plots_dir / "entropy_hist.png",
+            title=f"response-token entropy, step {step} (rho={dump['ratio']:g})"))
+        forking, low = forking_token_table(dump["token_ids"], dump["selected"])
+        decode = _decoder(run, tokenizer)
+        result["plots"].append(plot_token_frequencies(forking, low, decode, plots_dir / "forking_tokens.png", top))
+        result["table"] = format_token_table(forking, low, decode, top)
+        (plots_dir / "forking_tokens.md").write_text(result["table"] + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="megafork analyze", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="runs/<name>")
+    p.add_argument("--step", type=int, default=None, help="entropy dump step (default: latest)")
+    p.add_argument("--tokenizer", default=None, help="HF tokenizer dir (default: model.hf_path of config.yaml)")
+    p.add_argument("--top", type=int, default=30, help="rows in the token tables")
+    p.add_argument("--overlap", nargs=2, metavar=("DUMP_A", "DUMP_B"), default=None,
+                   help="print the top-rho position overlap of two dumps of the same tokens")
+    args = p.parse_args(argv)
+    try:
+        if args.overlap:
+            a, b = (read_entropy_dump(x) for x in args.overlap)
+            if not (a["token_ids"].shape == b["token_ids"].shape and bool((a["token_ids"] == b["token_ids"]).all())):
+                raise ValueError(f"--overlap: expected two dumps of the same tokens, found {a['token_ids'].numel()} "
+                                 f"and {b['token_ids'].numel()} tokens that differ")
+            print(f"top-{a['ratio']:g} overlap: {top_overlap(a['entropy'], b['entropy'], a['ratio']):.4f}")
+            return 0
+        result = analyze(args.run_dir, args.step, args.tokenizer, args.top)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"megafork analyze: {e}", file=sys.stderr)
+        return 2
+    if result["percentiles"] is not None:
+        pct = ", ".join(f"{k} {v:.4g}" for k, v in result["percentiles"].items())
+        print(f"response-token entropy: {pct}; threshold {result['threshold']:.4g}")
+        print(result["table"])
+    for path in result["plots"]:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
