@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -83,12 +84,12 @@ def local_histogram(values: torch.Tensor, mask: torch.Tensor, shift: int, match_
     raise ValueError(f"backend: expected 'auto', 'cpp' or 'torch', found {backend!r}")
 
 
-def _scan_from_top(hist: torch.Tensor, k: int) -> tuple[int, int]:
-    """Bin holding the k-th largest count position and the count in bins above it."""
-    desc = hist.flip(0).cumsum(0)  # desc[i] = values in bins >= NUM_BINS - 1 - i
-    i = int(torch.searchsorted(desc, torch.tensor([k], dtype=desc.dtype)).item())
+def _scan_from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest value, and how many values lie in the bins above it."""
+    desc = np.cumsum(hist[::-1])  # desc[i] = values in bins >= NUM_BINS - 1 - i
+    i = int(np.searchsorted(desc, k, side="left"))
     b = NUM_BINS - 1 - i
-    return b, int(desc[i].item()) - int(hist[b].item())
+    return b, int(desc[i]) - int(hist[b])
 
 
 def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> None:
@@ -141,27 +142,30 @@ def radix_select(
     if world > MAX_GROUP_SIZE:
         raise ValueError(f"{rank_name()}: the radix select supports groups of at most {MAX_GROUP_SIZE} "
                          f"ranks, found {world}")
+    me = 0 if group is None else dist.get_rank(group)
     if local_error is None:
         hist = local_histogram(values, mask, 16, backend=backend)
-        if int(hist[FIRST_INVALID_BIN:].sum().item()) > 0:
-            local_error = (describe_invalid(values, mask) if check_values
-                           else "selection keys must be bit patterns below 0x7F800000, found larger ones")
+        # Device-side flag (no host sync before the collective): any count in the invalid bins.
+        invalid = hist[FIRST_INVALID_BIN:].sum()
+        hist[FIRST_INVALID_BIN:] = 0
+        hist[FLAG_BIN + me] = (invalid > 0).to(hist.dtype)
     else:
         hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=values.device)
-    hist[FIRST_INVALID_BIN:] = 0
-    if local_error is not None:
-        hist[FLAG_BIN + (0 if group is None else dist.get_rank(group))] = 1
+        hist[FLAG_BIN + me] = 1
     _all_reduce(hist, group)
-    flagged = torch.nonzero(hist[FLAG_BIN:FLAG_BIN + world]).reshape(-1).tolist()
+    hist = hist.cpu().numpy()
+    flagged = np.nonzero(hist[FLAG_BIN:FLAG_BIN + world])[0].tolist()
     if flagged:
-        if local_error is not None:
+        if me in flagged:
+            if local_error is None:
+                local_error = (describe_invalid(values, mask) if check_values
+                               else "selection keys must be bit patterns below 0x7F800000, found larger ones")
             raise ValueError(f"{rank_name()}: {local_error}")
         bad = [r if group is None else dist.get_global_rank(group, r) for r in flagged]
         raise ValueError(f"{rank_name()}: selection aborted on every rank of the group because rank(s) "
                          f"{bad} found invalid input (see their error); this rank's input is valid")
 
-    hist = hist.cpu()  # bins >= FIRST_INVALID_BIN are all zero here
-    n_total = int(hist.sum().item())
+    n_total = int(hist.sum())  # the invalid and flag bins are all zero here
     if n_total == 0:
         return RadixResult(n_total=0, k=0, bits=None, count_beyond=0, count_equal=0)
     k = int(k_of_total(n_total))
@@ -173,8 +177,8 @@ def radix_select(
 
     hist2 = local_histogram(values, mask, 0, match_high=high, backend=backend)
     _all_reduce(hist2, group)
-    hist2 = hist2.cpu()
-    if int(hist2.sum().item()) != int(hist[high].item()):
+    hist2 = hist2.cpu().numpy()
+    if int(hist2.sum()) != int(hist[high]):
         raise RuntimeError(f"{rank_name()}: pass 2 counted {int(hist2.sum())} values in bin {high:#06x}, "
                            f"pass 1 counted {int(hist[high])}; were the values modified in between?")
     low, above_low = _scan_from_top(hist2, k_top - above_high)

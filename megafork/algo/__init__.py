@@ -1,0 +1,14 @@
+"""RL maths as pure tensor functions: GRPO advantages, DAPO loss, overlong shaping, dynamic sampling."""
+from megafork.algo.advantages import grpo_advantages, token_advantages
+from megafork.algo.loss import dapo_policy_loss, dapo_token_loss
+from megafork.algo.shaping import expand_group_mask, informative_groups, overlong_penalty
+
+__all__ = [
+    "dapo_policy_loss",
+    "dapo_token_loss",
+    "expand_group_mask",
+    "grpo_advantages",
+    "informative_groups",
+    "overlong_penalty",
+    "token_advantages",
+]
