@@ -72,7 +72,13 @@ def _trainer(rank, world, hf_dir, url):
     import torch.distributed as dist
 
     from megafork.distributed import ParallelConfig, init_distributed
-    from megafork.models.qwen3 import Qwen3BuildOptions, build_qwen3, export_hf_tensors, load_hf_weights, read_hf_config
+    from megafork.models.qwen3 import (
+        Qwen3BuildOptions,
+        build_qwen3,
+        export_hf_tensors,
+        load_hf_weights,
+        read_hf_config,
+    )
     from megafork.rollout import (
         HttpWeightSender,
         RolloutError,
