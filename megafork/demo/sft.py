@@ -35,6 +35,11 @@ class SFTConfig:
             about (1 - 0.9 * answer_noise) of the time at temperature 1.0 while the right answer
             stays its mode, which is the partial, uncertain starting point RLVR needs. The
             uncertainty sits on the answer digits, so those are the high-entropy (forking) tokens.
+        target_accuracy: stop as soon as the sampled (temperature 1.0) accuracy on a validation
+            split reaches this (checked every `check_every` steps; 0 disables). Stopping on a
+            measured accuracy rather than a step count keeps the starting point partial even
+            where a different torch build shifts the learning curve by some steps.
+        check_every: steps between validation checks.
         seed: seed for data order, problem split, noise and torch.
         threads: torch intra-op threads (the demo machine has 2 cores).
     """
@@ -47,11 +52,13 @@ class SFTConfig:
     train_problems: int = 20000
     heldout_problems: int = 256
     answer_noise: float = 0.0
+    target_accuracy: float = 0.0
+    check_every: int = 25
     seed: int = 0
     threads: int = 2
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "train_problems", "heldout_problems", "threads"):
+        for name in ("steps", "batch_size", "train_problems", "heldout_problems", "threads", "check_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"SFTConfig.{name}: expected an integer >= 1, found {v!r}")
@@ -59,6 +66,8 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.warmup: expected an integer >= 0, found {self.warmup!r}")
         if not (isinstance(self.answer_noise, float) and 0.0 <= self.answer_noise < 1.0):
             raise ValueError(f"SFTConfig.answer_noise: expected a float in [0, 1), found {self.answer_noise!r}")
+        if not (isinstance(self.target_accuracy, float) and 0.0 <= self.target_accuracy < 1.0):
+            raise ValueError(f"SFTConfig.target_accuracy: expected a float in [0, 1), found {self.target_accuracy!r}")
         if not (isinstance(self.lr, float) and self.lr > 0):
             raise ValueError(f"SFTConfig.lr: expected a float > 0, found {self.lr!r}")
 
@@ -91,7 +100,7 @@ def sft_batch(tok, problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def warm_start(hf_dir: str | Path, out_dir: str | Path, task: ArithmeticTask, cfg: SFTConfig | None = None,
-               eval_every: int = 0, log=print) -> dict:
+               log=print) -> dict:
     """Fine-tune the HF model in `hf_dir` on the task and save it to `out_dir`.
 
     Args:
@@ -99,11 +108,12 @@ def warm_start(hf_dir: str | Path, out_dir: str | Path, task: ArithmeticTask, cf
         out_dir: where the warm-started checkpoint (with tokenizer) is saved.
         task: the task to learn.
         cfg: the recipe; SFTConfig() when None.
-        eval_every: also report sampled held-out accuracy every this many steps (0: only at the end).
         log: callable taking one line of progress text.
 
     Returns:
-        {"steps", "seconds", "loss", "heldout_accuracy", "greedy_accuracy", "curve"}.
+        {"steps" (taken), "seconds", "loss", "heldout_accuracy", "greedy_accuracy", "curve"
+        (validation accuracy at each check)}. Held-out accuracy is measured on problems that
+        neither training nor the validation checks saw.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,6 +123,7 @@ def warm_start(hf_dir: str | Path, out_dir: str | Path, task: ArithmeticTask, cf
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     train, heldout = task.split(cfg.train_problems, cfg.heldout_problems, seed=cfg.seed)
+    valid, train = train[:cfg.heldout_problems], train[cfg.heldout_problems:]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
     rng = random.Random(cfg.seed)
@@ -130,16 +141,18 @@ def warm_start(hf_dir: str | Path, out_dir: str | Path, task: ArithmeticTask, cf
         opt.step()
         sched.step()
         loss_value = loss.item()
-        if eval_every and step % eval_every == 0:
-            acc = sampled_accuracy(model, tok, heldout)
-            curve.append({"step": step, "loss": loss_value, "heldout_accuracy": acc})
-            log(f"sft step {step}: loss {loss_value:.3f}  sampled held-out accuracy {acc:.3f}"
+        if step % cfg.check_every == 0 or step == cfg.steps:
+            acc = sampled_accuracy(model, tok, valid)
+            curve.append({"step": step, "loss": loss_value, "valid_accuracy": acc})
+            log(f"sft step {step}: loss {loss_value:.3f}  sampled validation accuracy {acc:.3f}"
                 f"  ({time.perf_counter() - start:.1f}s)")
+            if cfg.target_accuracy and acc >= cfg.target_accuracy:
+                break
     seconds = time.perf_counter() - start
     acc = sampled_accuracy(model, tok, heldout)
     greedy = sampled_accuracy(model, tok, heldout, greedy=True)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
-    return {"steps": cfg.steps, "seconds": seconds, "loss": loss_value, "heldout_accuracy": acc,
+    return {"steps": step, "seconds": seconds, "loss": loss_value, "heldout_accuracy": acc,
             "greedy_accuracy": greedy, "curve": curve}

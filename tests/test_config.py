@@ -1,0 +1,139 @@
+"""Run config: defaults are the paper's, YAML + overrides parse to field types, every error names its key."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megafork.distributed import ParallelConfig
+from megafork.train.config import (
+    SECTIONS,
+    AlgoConfig,
+    Config,
+    ConfigError,
+    ForkingConfig,
+    OptimConfig,
+    load_config,
+    parse_override,
+)
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
+
+
+def test_defaults_are_the_papers_settings():
+    c = Config()
+    assert (c.algo.clip_low, c.algo.clip_high, c.algo.clip_ratio_c) == (0.2, 0.28, 10.0)
+    assert c.algo.normalizer == "all_tokens" and c.algo.n == 16
+    assert (c.algo.overlong_buffer, c.algo.overlong_penalty, c.algo.max_sampling_rounds) == (4096, 1.0, 10)
+    assert (c.forking.ratio, c.forking.mode, c.forking.scope) == (0.2, "top", "step")
+    assert (c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay, c.optim.grad_clip) == (1e-6, 10, 0.1, 1.0)
+    assert (c.train.prompts_per_step, c.train.minibatch_prompts) == (512, 32)
+    assert (c.rollout.temperature, c.rollout.top_p, c.rollout.max_response_len) == (1.0, 1.0, 20480)
+    assert (c.eval.temperature, c.eval.top_p, c.eval.k) == (1.0, 0.7, 16)
+    assert isinstance(c.parallel, ParallelConfig)
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algo:\n  n: 8\noptim:\n  lr: 1e-4\nforking:\n  mode: random\nparallel:\n  tp: 2\n")
+    c = load_config(path, ["optim.lr=3e-5", "forking.ratio=0.5", "algo.dynamic_sampling=false", "train.steps=7",
+                           "rollout.sglang_urls=http://h:1, http://h:2", "log.run_name=123", "optim.min_lr=0"])
+    assert c.optim.lr == 3e-5 and isinstance(c.optim.lr, float)  # YAML reads "1e-4" as a string
+    assert c.algo.n == 8 and c.forking.mode == "random" and c.forking.ratio == 0.5 and c.parallel.tp == 2
+    assert c.algo.dynamic_sampling is False and c.train.steps == 7 and c.log.run_name == "123"
+    assert c.rollout.sglang_urls == ["http://h:1", "http://h:2"] and c.optim.min_lr == 0.0
+    assert parse_override("optim.lr = 1e-6") == ("optim", "lr", "1e-6")
+    assert parse_override("data.train_path=a=b.jsonl") == ("data", "train_path", "a=b.jsonl")
+
+
+def test_save_resolved_roundtrip(tmp_path):
+    c = load_config(None, ["forking.scope=local", "algo.normalizer=selected_tokens", "parallel.pp=2"])
+    out = c.save_resolved(tmp_path / "run" / "config.yaml")
+    again = load_config(out)
+    assert again == c and again.to_dict() == c.to_dict()
+    assert set(again.to_dict()) == set(SECTIONS)
+
+
+ERRORS = [
+    # unknown keys and sections
+    (["algo.clip_lo=0.1"], r"algo.clip_lo: unknown key \(did you mean 'clip_low'\?\); known keys in 'algo': \["),
+    (["forkng.ratio=0.1"], r"unknown section 'forkng' \(did you mean 'forking'\?\)"),
+    # bad types
+    (["optim.lr=fast"], r"optim.lr: expected a float, found 'fast' \(str\)"),
+    (["train.steps=2.5"], r"train.steps: expected an integer, found '2.5' \(str\)"),
+    (["algo.dynamic_sampling=maybe"], r"algo.dynamic_sampling: expected a bool \(true/false\), found 'maybe'"),
+    (["parallel.tp=two"], r"parallel.tp: expected an integer, found 'two'"),
+    # bad enum values
+    (["forking.mode=middle"], r"forking.mode: expected one of \['top', 'bottom', 'random', 'all'\], found 'middle'"),
+    (["forking.scope=global"], r"forking.scope: expected one of \['step', 'minibatch', 'microbatch', 'local'\]"),
+    (["algo.normalizer=tokens"], r"algo.normalizer: expected one of \['all_tokens', 'selected_tokens'\], found 'tokens'"),
+    (["data.on_bad_row=ignore"], r"data.on_bad_row: expected one of \['error', 'skip'\], found 'ignore'"),
+    (["train.resume="], r"train.resume: expected 'auto', 'none' or a checkpoint path, found ''"),
+    # out of range
+    (["forking.ratio=0"], r"forking.ratio: expected a float in \(0, 1\], found 0.0"),
+    (["forking.ratio=1.5"], r"forking.ratio: expected a float in \(0, 1\], found 1.5"),
+    (["algo.n=1"], r"algo.n: expected an integer >= 2 \(GRPO needs a group\), found 1"),
+    (["algo.clip_ratio_c=1"], r"algo.clip_ratio_c: expected a float > 1, found 1.0"),
+    (["optim.lr=-1"], r"optim.lr: expected > 0, found -1.0"),
+    (["optim.adam_beta2=1"], r"optim.adam_beta2: expected a float in \[0, 1\), found 1.0"),
+    (["optim.min_lr=1"], r"optim.min_lr: expected <= optim.lr=1e-06, found 1.0"),
+    (["parallel.tp=0"], r"parallel.tp: expected an integer >= 1, found 0"),
+    (["parallel.backend=mpi"], r"parallel.backend: expected 'auto', 'gloo' or 'nccl', found 'mpi'"),
+    (["rollout.top_p=0"], r"rollout.top_p: expected a float in \(0, 1\], found 0.0"),
+    (["rollout.engine=sglang"], r"rollout.sglang_urls: expected at least one URL when rollout.engine='sglang', found \[\]"),
+    (["rollout.sglang_urls=localhost:3000"], r"rollout.sglang_urls\[0\]: expected an http\(s\):// URL, found 'localhost:3000'"),
+    (["train.prompts_per_step=100"], r"train.prompts_per_step: expected a multiple of train.minibatch_prompts=32, found 100"),
+    (["rollout.max_response_len=1024"], r"algo.overlong_buffer: expected < rollout.max_response_len=1024, found 4096"),
+    (["log.run_name=a/b"], r"log.run_name: expected a non-empty name without '/', found 'a/b'"),
+    # bad override syntax
+    (["optim.lr"], r"override 'optim.lr': expected section.key=value \(e.g. optim.lr=1e-6\), found no '='"),
+    (["lr=1e-6"], r"override 'lr=1e-6': expected a key of the form section.key .* found 'lr'"),
+    (["a.b.c=1"], r"override 'a.b.c=1': expected a key of the form section.key .* found 'a.b.c'"),
+    (["optim.=1"], r"found 'optim.'"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", ERRORS)
+def test_every_error_names_key_expected_and_found(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file '.*nope.yaml': expected an existing YAML file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    for text, message in [
+        ("algo: [1, 2\n", r"expected valid YAML, found a parse error"),
+        ("- 1\n- 2\n", r"expected a mapping of sections, found list"),
+        ("algo: 3\n", r"algo: expected a mapping of fields, found 3 \(int\)"),
+        ("algo:\n  clip_high: [0.2]\n", r"algo.clip_high: expected a float, found \[0.2\] \(list\)"),
+        ("train:\n  steps: true\n", r"train.steps: expected an integer, found True \(bool\)"),
+        ("model:\n  dtype: fp8\n", r"model.dtype: expected one of \['float32', 'bfloat16', 'float16'\], found 'fp8'"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(bad)
+
+
+def test_post_init_validates_direct_construction():
+    with pytest.raises(ConfigError, match=r"forking.mode: expected one of .* found 'x'"):
+        ForkingConfig(mode="x")
+    with pytest.raises(ConfigError, match=r"algo.clip_low: expected a float, found '0.2' \(str\)"):
+        AlgoConfig(clip_low="0.2")
+    with pytest.raises(ValueError, match=r"parallel.tp: expected an integer >= 1, found 2.0"):
+        Config(parallel=ParallelConfig(tp=2.0))  # ParallelConfig's own check
+    with pytest.raises(ConfigError, match=r"parallel.seed: expected an integer, found 'x' \(str\)"):
+        Config(parallel=ParallelConfig(seed="x"))  # a field ParallelConfig leaves unchecked
+    assert OptimConfig(lr=1).lr == 1.0 and isinstance(OptimConfig(lr=1).lr, float)
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "qwen3_8b", "qwen3_14b", "qwen3_32b"])
+def test_example_configs_load(name):
+    c = load_config(EXAMPLES / f"{name}.yaml")
+    assert c.forking.ratio == 0.2 and c.forking.mode == "top"
+    if name != "tiny_cpu":
+        # The paper's released settings.
+        assert (c.algo.n, c.train.prompts_per_step, c.train.minibatch_prompts) == (16, 512, 32)
+        assert (c.optim.lr, c.optim.weight_decay, c.rollout.max_response_len) == (1e-6, 0.1, 20480)
+        assert c.eval.top_p == 0.7 and c.model.transformer_impl == "transformer_engine"
