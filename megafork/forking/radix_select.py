@@ -92,6 +92,21 @@ def _scan_from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
     return b, int(desc[i]) - int(hist[b])
 
 
+def _move_invalid_to_flag(hist: torch.Tensor, me: int) -> None:
+    """Replace the counts of negative/inf/NaN values by this rank's 0/1 error flag, in place."""
+    if hist.device.type == "cpu":
+        # numpy on the shared buffer: torch would split these 32k-bin ops over OpenMP threads,
+        # which costs milliseconds on a busy machine.
+        h = hist.numpy()
+        invalid = bool(h[FIRST_INVALID_BIN:].any())
+        h[FIRST_INVALID_BIN:] = 0
+        h[FLAG_BIN + me] = int(invalid)
+    else:  # device-side, so there is no host sync before the collective
+        invalid = hist[FIRST_INVALID_BIN:].sum()
+        hist[FIRST_INVALID_BIN:] = 0
+        hist[FLAG_BIN + me] = (invalid > 0).to(hist.dtype)
+
+
 def _all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None) -> None:
     if group is not None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
@@ -145,10 +160,7 @@ def radix_select(
     me = 0 if group is None else dist.get_rank(group)
     if local_error is None:
         hist = local_histogram(values, mask, 16, backend=backend)
-        # Device-side flag (no host sync before the collective): any count in the invalid bins.
-        invalid = hist[FIRST_INVALID_BIN:].sum()
-        hist[FIRST_INVALID_BIN:] = 0
-        hist[FLAG_BIN + me] = (invalid > 0).to(hist.dtype)
+        _move_invalid_to_flag(hist, me)
     else:
         hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=values.device)
         hist[FLAG_BIN + me] = 1
