@@ -15,7 +15,7 @@ from fractions import Fraction
 
 # DAPO's format: "Answer: X" where X runs to the end of its line. The last occurrence wins, since a
 # model that changes its mind restates the answer at the end.
-_ANSWER_RE = re.compile(r"Answer\s*:\s*([^\n]*)", re.IGNORECASE)
+_ANSWER_RE = re.compile(r"Answer[ \t]*:[ \t]*([^\n]*)", re.IGNORECASE)
 _BOXED_HEADS = ("\\boxed{", "\\fbox{")
 
 
