@@ -101,6 +101,17 @@ def _rank_fn(rank: int, world: int, cases: list[dict]) -> dict:
             except ValueError as exc:
                 errors.append((kind, str(exc)))
     out["errors"] = errors
+    # Ranks that disagree on the arguments all raise (world > 1) rather than each select alone.
+    mismatch = []
+    odd = rank == world - 1
+    for ratio, mode in ((0.3 if odd else 0.2, "top"), (0.2, "bottom" if odd else "top"),
+                        (0.2, "random" if odd else "top")):
+        try:
+            select_forking_tokens(good_h, good_m, ratio, mode=mode, group=group)
+            mismatch.append(None)
+        except ValueError as exc:
+            mismatch.append(str(exc))
+    out["mismatch"] = mismatch
     out["after_errors"] = topk_threshold(good_h * (rank + 1), good_m, 0.5, group=group)
     out["alike_random"] = select_forking_tokens(torch.zeros(64), torch.ones(64, dtype=torch.bool), 0.25,
                                                 mode="random", group=group, generator=torch.Generator().manual_seed(7))
@@ -154,6 +165,12 @@ def _check(world: int, cases: list[dict], results: list[dict]) -> None:
                 assert expected in msg, msg
             else:
                 assert msg.startswith(f"rank {r}: ") and f"rank(s) [{bad}] found invalid input" in msg, msg
+    for r in range(world):
+        for msg in results[r]["mismatch"]:
+            if world == 1:
+                assert msg is None
+            else:
+                assert msg is not None and msg.startswith(f"rank {r}: ") and "different arguments" in msg, msg
     # After the errors the collectives are still aligned and exact.
     after = torch.cat([_good_values() * (r + 1) for r in range(world)])
     expected = float(torch.topk(after, num_forking_tokens(0.5, after.numel())).values.min())

@@ -33,6 +33,9 @@ scope          entropy / mask passed on each rank                group        ti
   duplicate every count). With PP, the stage that computes entropies (the last) selects.
 - Every rank of the group must make the same calls in the same order with the same `ratio`,
   `mode` and `ties`: for "microbatch", all DP ranks must have the same number of micro-batches.
+  A different `ratio` or top/bottom/random `mode` on some rank is caught (a signature of the
+  arguments rides in the first histogram) and raises on every rank; "all" and ties="topk"
+  make no collective at all, so mixing them with the other modes across ranks would hang.
 - Bad input on one rank (NaN/inf/negative entropy, shape or dtype mismatch, a ratio outside
   (0, 1]) raises ValueError on every rank of the group: the error travels with the first
   histogram, so no rank is left waiting in a collective.

@@ -16,6 +16,7 @@ inf and NaN bit patterns), so every rank raises together instead of hanging in p
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,9 @@ from megafork.forking.histogram import FIRST_INVALID_BIN, NUM_BINS, radix_histog
 # carries that rank's error flag through the all_reduce.
 FLAG_BIN = 0x8000
 MAX_GROUP_SIZE = NUM_BINS - FLAG_BIN
+# Two more unused bins carry sum(sig) and sum(sig^2) of a 20-bit signature of each rank's call
+# arguments: world * sum(sig^2) == sum(sig)^2 exactly when every rank passed the same ones.
+SIG_BIN = FIRST_INVALID_BIN
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ def radix_select(
     local_error: str | None = None,
     check_values: bool = True,
     backend: str = "auto",
+    call_key: str = "",
 ) -> RadixResult:
     """Find the exact k-th largest (or smallest) valid value over all ranks of `group`.
 
@@ -145,6 +150,8 @@ def radix_select(
         check_values: flag negative, inf and NaN valid values as errors (off for callers that
             pass raw keys rather than entropies).
         backend: histogram implementation, see `local_histogram`.
+        call_key: the arguments that must agree on every rank (such as "top ratio=0.2"). A
+            mismatch raises ValueError on every rank instead of giving each its own threshold.
 
     Returns:
         A `RadixResult`, identical on every rank.
@@ -164,6 +171,9 @@ def radix_select(
     else:
         hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=values.device)
         hist[FLAG_BIN + me] = 1
+    sig = zlib.crc32(call_key.encode()) & 0xFFFFF
+    hist[SIG_BIN] = sig
+    hist[SIG_BIN + 1] = sig * sig
     _all_reduce(hist, group)
     hist = hist.cpu().numpy()
     flagged = np.nonzero(hist[FLAG_BIN:FLAG_BIN + world])[0].tolist()
@@ -177,7 +187,12 @@ def radix_select(
         raise ValueError(f"{rank_name()}: selection aborted on every rank of the group because rank(s) "
                          f"{bad} found invalid input (see their error); this rank's input is valid")
 
-    n_total = int(hist.sum())  # the invalid and flag bins are all zero here
+    sum_sig, sum_sig2 = int(hist[SIG_BIN]), int(hist[SIG_BIN + 1])
+    if world * sum_sig2 != sum_sig * sum_sig:
+        raise ValueError(f"{rank_name()}: the ranks of the group called the selection with different "
+                         f"arguments; this rank passed {call_key}")
+    hist[SIG_BIN:SIG_BIN + 2] = 0
+    n_total = int(hist.sum())  # the invalid, flag and signature bins are all zero here
     if n_total == 0:
         return RadixResult(n_total=0, k=0, bits=None, count_beyond=0, count_equal=0)
     k = int(k_of_total(n_total))

@@ -75,7 +75,8 @@ def _select(entropy, mask, ratio, largest: bool, group, backend: str = "auto") -
         values = torch.empty(0, dtype=torch.float32, device=device)
         flat_mask = torch.empty(0, dtype=torch.bool, device=device)
     return radix_select(values, flat_mask, lambda n: num_forking_tokens(ratio, n), largest=largest,
-                        group=group, local_error=error, backend=backend)
+                        group=group, local_error=error, backend=backend,
+                        call_key=f"{'top' if largest else 'bottom'} ratio={ratio!r}")
 
 
 def topk_threshold(entropy: torch.Tensor, mask: torch.Tensor, ratio: float,
@@ -182,7 +183,7 @@ def _select_random(entropy, mask, ratio, group, generator) -> torch.Tensor:
         salt = 0 if group is None else dist.get_rank(group)
         keys = _random_keys(flat_mask.numel(), flat_mask.device, generator, salt)
     result = radix_select(keys, flat_mask, lambda n: num_forking_tokens(ratio, n), largest=True,
-                          group=group, local_error=error, check_values=False)
+                          group=group, local_error=error, check_values=False, call_key=f"random ratio={ratio!r}")
     if result.bits is None:
         return torch.zeros_like(mask)
     key_bits = keys.view(torch.int32)
