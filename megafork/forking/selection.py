@@ -125,14 +125,20 @@ def bottomk_threshold(entropy: torch.Tensor, mask: torch.Tensor, ratio: float,
     return -math.inf if result.bits is None else result.value
 
 
-def _check_local(entropy, mask, ratio) -> None:
-    """Validation for the paths without collectives: raise right here."""
+def _local_error(entropy, mask, ratio) -> str | None:
+    """Argument and value checks done with torch ops, for the paths that skip the histograms."""
     error = _check_inputs(entropy, mask, ratio)
     if error is None:
         values, flat_mask = _flat(entropy, mask)
         valid = values[flat_mask]
-        if valid.numel() and not bool((torch.isfinite(valid) & (valid >= 0)).all()):
+        if not bool((torch.isfinite(valid) & (valid >= 0)).all()):
             error = describe_invalid(values, flat_mask)
+    return error
+
+
+def _check_local(entropy, mask, ratio) -> None:
+    """Validation for the paths without collectives: raise right here."""
+    error = _local_error(entropy, mask, ratio)
     if error is not None:
         raise ValueError(f"{rank_name()}: {error}")
 
@@ -170,16 +176,13 @@ def _select_random(entropy, mask, ratio, group, generator) -> torch.Tensor:
     with the same radix select as entropies (ties at the k-th key, rare, are broken by rank
     then position, which costs one more all_reduce of `world_size` counts only when they occur).
     """
-    error = _check_inputs(entropy, mask, ratio)
-    if error is None:
-        values, flat_mask = _flat(entropy, mask)
-        if not bool((torch.isfinite(values[flat_mask]) & (values[flat_mask] >= 0)).all()):
-            error = describe_invalid(values, flat_mask)
+    error = _local_error(entropy, mask, ratio)
     if error is not None:
         device = entropy.device if isinstance(entropy, torch.Tensor) else torch.device("cpu")
         flat_mask = torch.empty(0, dtype=torch.bool, device=device)
         keys = torch.empty(0, dtype=torch.float32, device=device)
     else:
+        flat_mask = mask.reshape(-1).contiguous()
         salt = 0 if group is None else dist.get_rank(group)
         keys = _random_keys(flat_mask.numel(), flat_mask.device, generator, salt)
     result = radix_select(keys, flat_mask, lambda n: num_forking_tokens(ratio, n), largest=True,
