@@ -170,3 +170,11 @@ def test_bad_options_raise():
         select_forking_tokens(h, mask, 0.2, mode="random", ties="topk")
     with pytest.raises(ValueError, match="generator is only used by mode='random'"):
         select_forking_tokens(h, mask, 0.2, generator=torch.Generator())
+
+
+def test_non_contiguous_inputs():
+    h, mask = _case("smooth")
+    ht, mt = h.t(), mask.t()  # strided views: flattened in their own (transposed) order
+    assert not ht.is_contiguous()
+    assert topk_threshold(ht, mt, 0.2) == topk_threshold(h, mask, 0.2)
+    assert torch.equal(select_forking_tokens(ht, mt, 0.2), select_forking_tokens(h, mask, 0.2).t())
