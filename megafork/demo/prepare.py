@@ -35,7 +35,7 @@ class DemoSetup:
     rl_train_problems: int = 4096
     model: DemoModelConfig = field(default_factory=DemoModelConfig)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(
-        steps=800, batch_size=128, lr=5e-3, warmup=20, target_accuracy=0.3, check_every=25))
+        steps=800, batch_size=128, lr=3e-3, warmup=20, target_accuracy=0.3, check_every=25))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

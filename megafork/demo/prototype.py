@@ -43,7 +43,7 @@ class PrototypeConfig:
     heldout: int = 256
     train_problems: int = 20000
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
 
 
 def token_stats(model, seqs: torch.Tensor, attn: torch.Tensor, prompt_len: int):

@@ -41,7 +41,8 @@ class SFTConfig:
             where a different torch build shifts the learning curve by some steps.
         check_every: steps between validation checks.
         seed: seed for data order, problem split, noise and torch.
-        threads: torch intra-op threads (the demo machine has 2 cores).
+        threads: torch intra-op threads. 1 is best on the 2-core demo machine: with 2 ranks or other
+            load, 2 threads per process oversubscribe the cores and ran 5-10x slower in our measurements.
     """
 
     steps: int = 300
@@ -55,7 +56,7 @@ class SFTConfig:
     target_accuracy: float = 0.0
     check_every: int = 25
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "train_problems", "heldout_problems", "threads", "check_every"):
