@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megafork.ops.vocab_stats import (
     VocabShard,
+    Workspace,
     all_reduce,
     check_chunk_size,
     check_labels,
@@ -54,10 +55,14 @@ def check_head_inputs(hidden, weight_shard, labels, tp_group, vocab_size, temper
     return shard, temperature, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
 
 
-def block_logits(h: torch.Tensor, w_valid: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
-    """[c, valid] logits of a row block in the compute dtype, owned by the caller."""
-    z = h @ w_valid.T
-    return z if z.dtype == cd else z.to(cd)
+def block_logits(h: torch.Tensor, w_valid: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """[c, valid] logits of a row block, written into the first c rows of `out` (compute dtype)."""
+    z = out[:h.shape[0]]
+    if h.dtype == out.dtype:
+        torch.matmul(h, w_valid.T, out=z)
+    else:  # half-precision GEMM (what Megatron's output layer does), statistics in fp32
+        z.copy_(h @ w_valid.T)
+    return z
 
 
 def add_head_grads(dz: torch.Tensor, h_sel: torch.Tensor, w_valid: torch.Tensor, rows: torch.Tensor | None,
@@ -101,11 +106,11 @@ class _FusedHeadLogprobEntropy(torch.autograd.Function):
         w_valid = weight[:shard.valid]
         logprob, entropy = hidden.new_empty(t, dtype=cd), hidden.new_empty(t, dtype=cd)
         saved = hidden.new_empty(3, t, dtype=cd)  # max, sum_exp, mean_shifted
+        ws = Workspace(min(chunk, t), shard.valid, cd, hidden.device)
         for a in range(0, t, chunk):
             b = min(t, a + chunk)
-            z = block_logits(hidden[a:b], w_valid, cd)
-            e, st = chunk_stats(z, labels[a:b], shard, temperature, group)
-            del z, e  # keep at most one block of logits alive
+            z = block_logits(hidden[a:b], w_valid, ws.z)
+            _, st = chunk_stats(z, labels[a:b], shard, temperature, group, ws.e)
             logprob[a:b], entropy[a:b] = st.logprob, st.entropy
             saved[0, a:b], saved[1, a:b], saved[2, a:b] = st.max, st.sum_exp, st.mean_shifted
         ctx.save_for_backward(hidden, weight, labels, saved)
@@ -127,6 +132,7 @@ class _FusedHeadLogprobEntropy(torch.autograd.Function):
         dw = hidden.new_zeros(shard.valid, hidden.shape[1], dtype=cd) if need_w else None
         g1 = None if g_logprob is None else g_logprob.to(cd)
         g2 = None if g_entropy is None else g_entropy.to(cd)
+        ws = Workspace(min(chunk, t), shard.valid, cd, hidden.device)
         for a in range(0, t, chunk):
             b = min(t, a + chunk)
             rows = nonzero_rows(b - a, hidden.device, *(None if g is None else g[a:b] for g in (g1, g2)))
@@ -135,14 +141,13 @@ class _FusedHeadLogprobEntropy(torch.autograd.Function):
             # Only the rows with a gradient are recomputed and differentiated.
             idx = slice(a, b) if rows is None else rows + a
             h = hidden[idx]
-            z = block_logits(h, w_valid, cd)
+            z = block_logits(h, w_valid, ws.z)
             if temperature != 1.0:
                 z.div_(temperature)
             z.sub_(m[idx, None])
-            e = torch.exp(z)
+            e = torch.exp(z, out=ws.e[:z.shape[0]])
             dz = logits_grad(e, z, labels[idx], shard, temperature, sum_exp[idx], mean_shifted[idx],
                              None if g1 is None else g1[idx], None if g2 is None else g2[idx])
-            del z
             add_head_grads(dz, h, w_valid, rows, None if dh is None else dh[a:b], dw)
         if dh is not None:
             all_reduce(dh, dist.ReduceOp.SUM, ctx.group)

@@ -56,6 +56,7 @@ from megafork.algo.loss import (
 )
 from megafork.ops.fused_head import add_head_grads, block_logits, check_head_inputs, full_weight_grad
 from megafork.ops.vocab_stats import (
+    Workspace,
     all_reduce,
     chunk_stats,
     compute_dtype,
@@ -157,14 +158,14 @@ def fused_head_policy_loss(
     dh = torch.zeros_like(h_all) if need_h else None
     dw = h_all.new_zeros(shard.valid, h_all.shape[1], dtype=cd) if need_w else None
     scale = 1.0 / norm
+    ws = Workspace(min(chunk, t), shard.valid, cd, h_all.device)
 
     with torch.no_grad():
         for a in range(0, t, chunk):
             b = min(t, a + chunk)
             h = h_all[a:b]
-            z = block_logits(h, w_valid, cd)
-            e, st = chunk_stats(z, labels1d[a:b], shard, temperature, tp_group)
-            del z  # the entropy gradient is not needed, so s - m can go now
+            z = block_logits(h, w_valid, ws.z)
+            e, st = chunk_stats(z, labels1d[a:b], shard, temperature, tp_group, ws.e)
             logprob[a:b], entropy[a:b] = st.logprob, st.entropy
             if not (need_h or need_w):
                 continue
@@ -175,12 +176,13 @@ def fused_head_policy_loss(
             if rows is not None and rows.numel() == 0:
                 continue
             if rows is not None:
-                e, h = e.index_select(0, rows), h.index_select(0, rows)
+                # s - m is not needed (no entropy gradient), so its buffer takes the gathered rows.
+                e = torch.index_select(e, 0, rows, out=ws.z[:rows.numel()])
+                h = h.index_select(0, rows)
             sel = slice(None) if rows is None else rows
             dz = logits_grad(e, None, labels1d[a:b][sel], shard, temperature,
                              st.sum_exp[sel], st.mean_shifted[sel], g[sel], None)
             add_head_grads(dz, h, w_valid, rows, None if dh is None else dh[a:b], dw)
-            del e, dz
         if dh is not None:
             all_reduce(dh, dist.ReduceOp.SUM, tp_group)
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from megafork.ops.vocab_stats import (
     VocabShard,
+    Workspace,
     check_labels,
     check_temperature,
     chunk_stats,
@@ -32,10 +33,11 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         n, cd = logits.shape[0], compute_dtype(logits.dtype)
         logprob, entropy = logits.new_empty(n, dtype=cd), logits.new_empty(n, dtype=cd)
         saved = logits.new_empty(3, n, dtype=cd)  # max, sum_exp, mean_shifted
+        ws = Workspace(min(chunk, n), shard.valid, cd, logits.device)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            z = logits[a:b, :shard.valid].to(cd, copy=True)
-            _, st = chunk_stats(z, labels[a:b], shard, temperature, group)
+            z = ws.z[:b - a].copy_(logits[a:b, :shard.valid])
+            _, st = chunk_stats(z, labels[a:b], shard, temperature, group, ws.e)
             logprob[a:b], entropy[a:b] = st.logprob, st.entropy
             saved[0, a:b], saved[1, a:b], saved[2, a:b] = st.max, st.sum_exp, st.mean_shifted
         ctx.save_for_backward(logits, labels, saved)
@@ -52,13 +54,14 @@ class _VocabParallelLogprobEntropy(torch.autograd.Function):
         m, sum_exp, mean_shifted = saved
         n, cd = logits.shape[0], saved.dtype
         grad = torch.zeros_like(logits)
+        ws = Workspace(min(chunk, n), shard.valid, cd, logits.device)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            z = logits[a:b, :shard.valid].to(cd, copy=True)
+            z = ws.z[:b - a].copy_(logits[a:b, :shard.valid])
             if temperature != 1.0:
                 z.div_(temperature)
             z.sub_(m[a:b, None])
-            e = torch.exp(z)
+            e = torch.exp(z, out=ws.e[:b - a])
             dz = logits_grad(e, z, labels[a:b], shard, temperature, sum_exp[a:b], mean_shifted[a:b],
                              None if g_logprob is None else g_logprob[a:b].to(cd),
                              None if g_entropy is None else g_entropy[a:b].to(cd))
