@@ -16,6 +16,7 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -80,13 +81,14 @@ def bucket_bytes(slots: list[Slot]) -> int:
     return slots[-1].end if slots else 0
 
 
-def pack(named_tensors: list[tuple[str, torch.Tensor]], device: torch.device | None = None
-         ) -> tuple[torch.Tensor, list[str], list[torch.dtype], list[tuple[int, ...]]]:
+def pack(named_tensors: list[tuple[str, torch.Tensor]], device: torch.device | None = None,
+         out: torch.Tensor | None = None) -> tuple[torch.Tensor, list[str], list[torch.dtype], list[tuple[int, ...]]]:
     """Concatenate the raw bytes of tensors into one uint8 tensor.
 
     Args:
         named_tensors: (name, tensor) pairs; reordered by decreasing itemsize (stable).
         device: where the flat tensor lives (default: the first tensor's device).
+        out: optional uint8 buffer to pack into (its first bytes are used); must be large enough.
 
     Returns:
         (flat uint8 tensor, names, dtypes, shapes) in bucket order.
@@ -98,10 +100,32 @@ def pack(named_tensors: list[tuple[str, torch.Tensor]], device: torch.device | N
     dtypes = [t.dtype for _, t in ordered]
     shapes = [tuple(t.shape) for _, t in ordered]
     slots = layout(names, dtypes, shapes)
-    flat = torch.empty(bucket_bytes(slots), dtype=torch.uint8, device=device or ordered[0][1].device)
+    size = bucket_bytes(slots)
+    if out is not None:
+        if out.dtype != torch.uint8 or out.numel() < size:
+            raise ValueError(f"pack: out must be a uint8 buffer of at least {size} bytes, found {out.dtype} x {out.numel()}")
+        flat = out[:size]
+    else:
+        flat = torch.empty(size, dtype=torch.uint8, device=device or ordered[0][1].device)
     for slot, (_, t) in zip(slots, ordered):
-        flat[slot.start:slot.end].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+        copy_bytes(flat[slot.start:slot.end], t)
     return flat, names, dtypes, shapes
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy `src`'s raw bytes into `dst` (same byte size; any dtypes).
+
+    CPU to CPU goes through a single-threaded numpy memcpy: it runs at memory bandwidth without
+    OpenMP's fork/join, which on an oversubscribed CPU costs a scheduler slice per tensor.
+    """
+    s = src.detach().contiguous().reshape(-1).view(torch.uint8)
+    d = dst.reshape(-1).view(torch.uint8)
+    if s.numel() != d.numel():
+        raise ValueError(f"copy_bytes: {s.numel()} source bytes into a {d.numel()}-byte destination")
+    if s.device.type == "cpu" and d.device.type == "cpu":
+        np.copyto(d.numpy(), s.numpy())
+    else:
+        d.copy_(s)
 
 
 def unpack(flat: torch.Tensor, slots: list[Slot]) -> list[tuple[str, torch.Tensor]]:
@@ -109,7 +133,12 @@ def unpack(flat: torch.Tensor, slots: list[Slot]) -> list[tuple[str, torch.Tenso
     if flat.dtype != torch.uint8 or flat.numel() != bucket_bytes(slots):
         raise ValueError(f"unpack: expected a uint8 tensor of {bucket_bytes(slots)} bytes, "
                          f"found {flat.dtype} with {flat.numel()} elements")
-    return [(s.name, flat[s.start:s.end].view(s.dtype).reshape(s.shape)) for s in slots]
+    return [(s.name, t) for s, t in zip(slots, views(flat, slots))]
+
+
+def views(buf: torch.Tensor, slots: list[Slot]) -> list[torch.Tensor]:
+    """Typed, shaped views of `buf` (uint8) at each slot's byte range."""
+    return [buf[s.start:s.end].view(s.dtype).reshape(s.shape) for s in slots]
 
 
 def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: int

@@ -20,11 +20,12 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from megafork.rollout.buckets import dtype_name, tensor_checksum
+from megafork.rollout.buckets import copy_bytes, dtype_name, tensor_checksum
 from megafork.rollout.sampling import next_tokens, sample_generators
 from megafork.rollout.types import RolloutError, Sample, SamplingParams, validate_prompts
 
@@ -215,6 +216,43 @@ class EmbeddedEngine:
         """HF name -> (shape, dtype) of every loadable tensor (tied names included)."""
         return {n: (tuple(t.shape), t.dtype) for n, t in self.model.state_dict(keep_vars=True).items()}
 
+    def check_update(self, specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+        """Validate an update before any weight changes.
+
+        Args:
+            specs: (hf_name, shape, dtype) of every tensor the update carries.
+
+        Returns:
+            hf_name -> the engine tensor it will overwrite.
+
+        Raises:
+            WeightUpdateError: naming the first unknown, repeated, mis-shaped or non-float tensor.
+        """
+        targets = self.model.state_dict(keep_vars=True)
+        dests = {}
+        for name, shape, dtype in specs:
+            if name not in targets:
+                hint = sorted(targets)[:3]
+                raise WeightUpdateError(f"names: {name!r} is not a tensor of this model (HF names such as {hint})")
+            if name in dests:
+                raise WeightUpdateError(f"names: {name!r} appears twice in one update")
+            want = targets[name]
+            if tuple(shape) != tuple(want.shape):
+                raise WeightUpdateError(f"shapes: {name!r} expected shape {list(want.shape)}, found {list(shape)}")
+            if dtype.is_floating_point != want.is_floating_point():
+                raise WeightUpdateError(f"dtypes: {name!r} expected a {dtype_name(want.dtype)}-compatible dtype, "
+                                        f"found {dtype_name(dtype)}")
+            dests[name] = want.data
+        return dests
+
+    @contextmanager
+    def writing_weights(self, weight_version: str | None = None):
+        """Hold off generation steps while weights are written in place; then set the version."""
+        with self._lock, torch.no_grad():
+            yield
+            if weight_version is not None:
+                self.weight_version = str(weight_version)
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                        weight_version: str | None = None) -> dict:
         """Load full HF-named tensors. Everything is checked before anything is written.
@@ -233,29 +271,13 @@ class EmbeddedEngine:
             WeightUpdateError: naming the first bad tensor; no weight has changed.
         """
         t0 = time.perf_counter()
-        targets = self.model.state_dict(keep_vars=True)
         items = list(named_tensors)
-        seen = set()
-        for name, tensor in items:
-            if name not in targets:
-                hint = sorted(targets)[:3]
-                raise WeightUpdateError(f"names: {name!r} is not a tensor of this model (HF names such as {hint})")
-            if name in seen:
-                raise WeightUpdateError(f"names: {name!r} appears twice in one update")
-            seen.add(name)
-            want = targets[name]
-            if tuple(tensor.shape) != tuple(want.shape):
-                raise WeightUpdateError(f"shapes: {name!r} expected shape {list(want.shape)}, found {list(tensor.shape)}")
-            if tensor.is_floating_point() != want.is_floating_point():
-                raise WeightUpdateError(f"dtypes: {name!r} expected a {dtype_name(want.dtype)}-compatible dtype, "
-                                        f"found {dtype_name(tensor.dtype)}")
+        dests = self.check_update((n, tuple(t.shape), t.dtype) for n, t in items)
         nbytes = 0
-        with self._lock, torch.no_grad():
+        with self.writing_weights(weight_version):
             for name, tensor in items:
-                targets[name].data.copy_(tensor)
+                copy_into(dests[name], tensor)
                 nbytes += tensor.numel() * tensor.element_size()
-            if weight_version is not None:
-                self.weight_version = str(weight_version)
         return {"num_tensors": len(items), "bytes": nbytes, "seconds": time.perf_counter() - t0}
 
     def load_from_disk(self, model_path: str | Path, weight_version: str | None = None) -> dict:
@@ -282,6 +304,14 @@ class EmbeddedEngine:
             raise WeightUpdateError(f"names: not tensors of this model: {missing[:5]}")
         with self._lock:
             return {n: tensor_checksum(targets[n]) for n in names}
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst <- src, casting when the dtypes differ (a plain memcpy when they agree)."""
+    if src.dtype == dst.dtype and dst.is_contiguous():
+        copy_bytes(dst, src)
+    else:
+        dst.copy_(src)
 
 
 def load_tokenizer(path: Path):

@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -34,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megafork.rollout import protocol
-from megafork.rollout.buckets import dtype_name, layout, tensor_checksum, unpack
+from megafork.rollout.buckets import Slot, dtype_name, layout, tensor_checksum, views
 from megafork.rollout.embedded import EmbeddedEngine, WeightUpdateError
 from megafork.rollout.process_group import destroy_weight_update_group, init_weight_update_group
 from megafork.rollout.types import validate_prompts
@@ -63,6 +65,18 @@ class ServeState:
         self.groups_lock = threading.Lock()
         # Broadcasts on one group must be received in the order the trainer sends them.
         self.receive_lock = threading.Lock()
+        self._recv_buf: torch.Tensor | None = None
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """A uint8 receive buffer of `nbytes`. On CPU one buffer is kept and grown: there is no
+        caching allocator there, so a fresh one would page-fault on every update."""
+        device = self.engine.device
+        if device.type != "cpu":
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        if self._recv_buf is None or self._recv_buf.numel() < nbytes:
+            self._recv_buf = None
+            self._recv_buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self._recv_buf[:nbytes]
 
     # ------------------------------------------------------------------ generate
 
@@ -157,28 +171,60 @@ class ServeState:
         if pg is None:
             raise _fail(f"group_name: no weight-update group named {req.group_name!r}; "
                         "call /init_weights_update_group first")
-        device = self.engine.device
+        t0 = time.perf_counter()
         with self.receive_lock:
-            if slots is not None:
-                flat = torch.empty(slots[-1].end, dtype=torch.uint8, device=device)
-                dist.broadcast(flat, group_src=0, group=pg)
-                tensors = unpack(flat, slots)
+            # Validate before receiving: a bad update is still received (the trainer's broadcast
+            # must complete), then rejected with the old weights untouched.
+            try:
+                dests, problem = self.engine.check_update(zip(req.names, req.shapes, req.dtypes)), None
+            except WeightUpdateError as exc:
+                dests, problem = None, exc
+            if req.abort_all_requests and problem is None:
+                self.engine.abort_all()
+            if slots is None and problem is None:
+                out = self._receive_in_place(req, pg, dests)
+                t1 = time.perf_counter()
             else:
-                tensors = [(n, torch.empty(s, dtype=d, device=device))
-                           for n, d, s in zip(req.names, req.dtypes, req.shapes)]
-                works = [dist.broadcast(t, group_src=0, group=pg, async_op=True) for _, t in tensors]
-                for w in works:
-                    w.wait()
-        out = {}
-        if req.return_checksums:
-            out["checksums"] = {n: tensor_checksum(t) for n, t in tensors}
-        if req.abort_all_requests:
-            self.engine.abort_all()
-        try:
-            self.engine.update_weights(tensors, weight_version=req.weight_version)
-        except WeightUpdateError as exc:
-            raise _fail(f"Failed to update weights: {exc}. {KEPT}") from exc
+                if slots is None:
+                    slots = _padded_slots(req)
+                buf = self._buffer(slots[-1].end)
+                if req.load_format == "flattened_bucket":
+                    dist.broadcast(buf, group_src=0, group=pg)
+                else:
+                    for w in [dist.broadcast(t, group_src=0, group=pg, async_op=True) for t in views(buf, slots)]:
+                        w.wait()
+                tensors = [(sl.name, t) for sl, t in zip(slots, views(buf, slots))]
+                t1 = time.perf_counter()
+                if problem is not None:
+                    raise _fail(f"Failed to update weights: {problem}. {KEPT}")
+                out = {"checksums": {n: tensor_checksum(t) for n, t in tensors}} if req.return_checksums else {}
+                # Inside the lock: the tensors are views of the shared receive buffer.
+                self.engine.update_weights(tensors, weight_version=req.weight_version)
+        nbytes = sum(d.itemsize * math.prod(sh) for d, sh in zip(req.dtypes, req.shapes))
+        log.info("update_weights_from_distributed: %d tensors, %.1f MiB received in %.3f s, loaded in %.3f s",
+                 len(req.names), nbytes / 2**20, t1 - t0, time.perf_counter() - t1)
         return {"success": True, "message": "Succeeded to update parameter online.", **out}
+
+    def _receive_in_place(self, req, pg, dests: dict[str, torch.Tensor]) -> dict:
+        """Per-tensor broadcasts land directly in the weights they replace (when dtype and layout
+        allow; others go through a buffer and are cast). The update was validated first, so only
+        a transport failure can leave it half done, and the answer then says so."""
+        slots = _padded_slots(req)
+        staged = [sl for sl in slots if not (dests[sl.name].dtype == sl.dtype and dests[sl.name].is_contiguous())]
+        buf = self._buffer(max([sl.end for sl in staged], default=0))
+        staged_views = dict(zip([sl.name for sl in staged], views(buf, staged)))
+        recv = [staged_views.get(n, dests[n]) for n in req.names]
+        with self.engine.writing_weights(req.weight_version):
+            try:
+                for w in [dist.broadcast(t, group_src=0, group=pg, async_op=True) for t in recv]:
+                    w.wait()
+            except Exception as exc:  # noqa: BLE001 - report the partial state instead of hiding it
+                raise _fail(f"Failed to receive weights: {exc}. The weights are partially updated; "
+                            "send a full update again.", HTTPStatus.INTERNAL_SERVER_ERROR) from exc
+            out = {"checksums": {n: tensor_checksum(t) for n, t in zip(req.names, recv)}} if req.return_checksums else {}
+            for name, t in staged_views.items():
+                dests[name].copy_(t)
+        return out
 
     def update_from_disk(self, body) -> dict:
         try:
@@ -216,6 +262,16 @@ class ServeState:
     def server_info(self) -> dict:
         return {**self.model_info(), "tp_size": 1, "pp_size": 1, "dp_size": 1, "backend": "megafork-embedded",
                 "max_batch_rows": self.engine.max_batch_rows}
+
+
+def _padded_slots(req) -> list[Slot]:
+    """Buffer layout for per-tensor receives: each tensor at a 16-byte aligned offset."""
+    slots, offset = [], 0
+    for n, d, shape in zip(req.names, req.dtypes, req.shapes):
+        offset = -(-offset // 16) * 16
+        slots.append(Slot(n, d, shape, offset, offset + d.itemsize * math.prod(shape)))
+        offset = slots[-1].end
+    return slots
 
 
 def _finish_reason(sample, sp) -> dict:

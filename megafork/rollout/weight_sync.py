@@ -121,6 +121,7 @@ class HttpWeightSender:
         self.engine_ranks = engine_ranks
         self.pg: dist.ProcessGroup | None = None
         self.device = torch.device("cpu")
+        self._buffers: list[torch.Tensor | None] = [None, None]
         self._http = ThreadPoolExecutor(max_workers=max(2, len(self.urls)), thread_name_prefix="wsync-http")
         self._wire = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsync-wire")
 
@@ -159,9 +160,10 @@ class HttpWeightSender:
         t0 = time.perf_counter()
         stats = SyncStats()
         in_flight: Future | None = None
-        for bucket in iter_buckets(named_tensors, self.config.bucket_bytes):
+        for i, bucket in enumerate(iter_buckets(named_tensors, self.config.bucket_bytes)):
             if self.config.load_format == "flattened_bucket":
-                flat, names, dtypes, shapes = pack(bucket, self.device)
+                size = sum(t.numel() * t.element_size() for _, t in bucket)
+                flat, names, dtypes, shapes = pack(bucket, self.device, out=self._pack_buffer(i % 2, size))
                 payload, meta_extra = [flat], {"load_format": "flattened_bucket"}
             else:
                 names, dtypes, shapes = [n for n, _ in bucket], [t.dtype for _, t in bucket], [t.shape for _, t in bucket]
@@ -183,6 +185,18 @@ class HttpWeightSender:
         stats.seconds = time.perf_counter() - t0
         stats.log(",".join(self.urls))
         return stats
+
+    def _pack_buffer(self, slot: int, nbytes: int) -> torch.Tensor | None:
+        """Two alternating pack buffers (one on the wire, one being packed), kept between syncs on
+        CPU, where there is no caching allocator and fresh memory page-faults; on GPU, None (the
+        caching allocator already reuses memory)."""
+        if self.device.type != "cpu":
+            return None
+        buf = self._buffers[slot]
+        if buf is None or buf.numel() < nbytes:
+            self._buffers[slot] = None
+            buf = self._buffers[slot] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf
 
     def _transmit(self, body: dict, payload: list[torch.Tensor], expected: dict | None) -> None:
         path = "/update_weights_from_distributed"
@@ -236,6 +250,7 @@ class HttpWeightSender:
                     log.warning("could not destroy the weight-update group on %s: %s", url, exc)
             destroy_weight_update_group(self.pg)
             self.pg = None
+        self._buffers = [None, None]
         self._http.shutdown(wait=False)
         self._wire.shutdown(wait=False)
 
