@@ -110,3 +110,15 @@ def test_prototype_masks():
     assert fork_mask(ent, m, 0.4, "all", g).tolist() == m.tolist()
     r = fork_mask(ent, m, 0.4, "random", g)
     assert r.sum() == 2 and (r * (1 - m)).sum() == 0
+
+
+def test_task_rows_load_through_the_dataset(hf_dir, tmp_path):
+    from megafork.data import PromptDataset, load_tokenizer
+    from megafork.demo.prepare import write_jsonl
+
+    problems = ArithmeticTask(2).sample(20, seed=5)
+    path = write_jsonl(tmp_path / "train.jsonl", [p.as_row() for p in problems])
+    tok = load_tokenizer(hf_dir)
+    ds = PromptDataset(path, tok, max_prompt_len=32)
+    assert [p.answer for p in ds.prompts] == [p.answer for p in problems]
+    assert tok.decode(ds[3].prompt_ids) == problems[3].prompt
