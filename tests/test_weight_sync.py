@@ -123,7 +123,8 @@ def _trainer(rank, world, hf_dir, url):
     kept: dict[str, torch.Tensor] = {}
     sender = None
     if rank == 0:
-        sender = HttpWeightSender([url], WeightSyncConfig(bucket_bytes=16 << 10, verify_checksums=True, timeout_s=120))
+        sender = HttpWeightSender([url], WeightSyncConfig(bucket_bytes=16 << 10, load_format="flattened_bucket",
+                                                         verify_checksums=True, timeout_s=120))
         sender.connect()
     stats = sync_weights(sender, export(kept), weight_version="step-1")
     responses, served, trainer = served_and_trainer()
@@ -137,11 +138,12 @@ def _trainer(rank, world, hf_dir, url):
         res["version_1"] = got["weight_version"]
         sender.close()
 
-    # Sync 2: new weights, per-tensor broadcasts, a fresh group under another name.
+    # Sync 2: new weights, the default format (per-tensor broadcasts on gloo), a fresh group.
     _perturb(model, groups, seed=2)
     kept = {}
     if rank == 0:
-        sender = HttpWeightSender([url], WeightSyncConfig(load_format="per_tensor", group_name="second", timeout_s=120))
+        sender = HttpWeightSender([url], WeightSyncConfig(group_name="second", verify_checksums=True, timeout_s=120))
+        assert sender.config.resolved_load_format() == "per_tensor"
         sender.connect()
     sync_weights(sender, export(kept), weight_version="step-2")
     responses, served, trainer = served_and_trainer()

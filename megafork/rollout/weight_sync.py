@@ -10,7 +10,8 @@ On trainer rank 0 (every trainer rank runs the export, whose TP gathers are coll
 buckets of at most `bucket_bytes`. Each bucket's metadata (`names`, `dtypes`, `shapes`) is POSTed
 to `/update_weights_from_distributed` of every server while trainer rank 0 broadcasts the bucket
 over the weight-update group (gloo on CPU, NCCL on GPU), either as one flattened uint8 tensor
-(`load_format="flattened_bucket"`, the default) or one broadcast per tensor. Packing the next
+(`load_format="flattened_bucket"`, the default on NCCL) or one broadcast per tensor (the default
+on gloo; see `WeightSyncConfig.load_format`). Packing the next
 bucket overlaps the transfer of the current one. The in-process embedded engine is updated
 directly by `LocalWeightSender` with the same bucketing.
 
@@ -44,7 +45,11 @@ class WeightSyncConfig:
 
     Attributes:
         bucket_bytes: bucket capacity (default 512 MiB); a larger tensor travels alone.
-        load_format: "flattened_bucket" (one broadcast per bucket) or "per_tensor".
+        load_format: "flattened_bucket" (one uint8 broadcast per bucket), "per_tensor" (one
+            broadcast per tensor, metadata still posted per bucket) or "auto": flattened buckets
+            on NCCL, where per-collective overhead dominates and device copies are cheap;
+            per-tensor on gloo, where the server receives straight into its weights and
+            packing/unpacking would cost two host memcpys of the model.
         backend: "auto" (nccl with CUDA, else gloo), "gloo" or "nccl".
         group_name: name of the weight-update group on both sides.
         master_address: address the engines use to reach trainer rank 0.
@@ -54,7 +59,7 @@ class WeightSyncConfig:
     """
 
     bucket_bytes: int = 512 << 20
-    load_format: str = "flattened_bucket"
+    load_format: str = "auto"
     backend: str = "auto"
     group_name: str = DEFAULT_GROUP
     master_address: str = "127.0.0.1"
@@ -65,8 +70,8 @@ class WeightSyncConfig:
     def __post_init__(self):
         if not isinstance(self.bucket_bytes, int) or self.bucket_bytes < 1:
             raise ValueError(f"weight_sync.bucket_bytes: expected a positive int, found {self.bucket_bytes!r}")
-        if self.load_format not in ("flattened_bucket", "per_tensor"):
-            raise ValueError(f"weight_sync.load_format: expected 'flattened_bucket' or 'per_tensor', "
+        if self.load_format not in ("auto", "flattened_bucket", "per_tensor"):
+            raise ValueError(f"weight_sync.load_format: expected 'auto', 'flattened_bucket' or 'per_tensor', "
                              f"found {self.load_format!r}")
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"weight_sync.backend: expected 'auto', 'gloo' or 'nccl', found {self.backend!r}")
@@ -79,6 +84,11 @@ class WeightSyncConfig:
         if self.backend == "auto":
             return "nccl" if torch.cuda.is_available() else "gloo"
         return self.backend
+
+    def resolved_load_format(self) -> str:
+        if self.load_format == "auto":
+            return "flattened_bucket" if self.resolved_backend() == "nccl" else "per_tensor"
+        return self.load_format
 
 
 @dataclass
@@ -161,7 +171,7 @@ class HttpWeightSender:
         stats = SyncStats()
         in_flight: Future | None = None
         for i, bucket in enumerate(iter_buckets(named_tensors, self.config.bucket_bytes)):
-            if self.config.load_format == "flattened_bucket":
+            if self.config.resolved_load_format() == "flattened_bucket":
                 size = sum(t.numel() * t.element_size() for _, t in bucket)
                 flat, names, dtypes, shapes = pack(bucket, self.device, out=self._pack_buffer(i % 2, size))
                 payload, meta_extra = [flat], {"load_format": "flattened_bucket"}
