@@ -3,10 +3,11 @@
     .venv/bin/python -m pytest tests/test_weight_sync.py -q
 
 Two trainer ranks build megafork's megatron-core Qwen3 from the served checkpoint, change their
-weights, and sync them through `/init_weights_update_group` + `/update_weights_from_distributed`
-(flattened buckets with checksums, then per-tensor broadcasts). Afterwards the server's greedy
-outputs equal transformers' greedy generation on the exported weights, its log-probs equal the
-trainer's own (TP=2) log-probs, and its weight checksums equal the trainer's.
+weights, and sync them into two running servers (one group: trainer rank 0, servers at ranks 1
+and 2) through `/init_weights_update_group` + `/update_weights_from_distributed` (flattened
+buckets, then per-tensor broadcasts; checksums verified). Afterwards the servers' greedy outputs
+equal transformers' greedy generation on the exported weights, their log-probs equal the
+trainer's own (TP=2) log-probs, and their weight checksums equal the trainer's.
 """
 from __future__ import annotations
 
@@ -26,13 +27,14 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    """Two servers of the same checkpoint: the sync reaches both through one group (ranks 1 and 2)."""
     hf_dir = make_tiny_qwen3(tmp_path_factory.mktemp("wsync") / "tiny", seed=7, tie_word_embeddings=False)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "megafork", "serve", "--model", str(hf_dir), "--port", str(port), "--device", "cpu",
-           "--threads", "1", "--log-level", "WARNING", "--weight-sync-timeout", "120"]
-    procs = launch_servers([cmd], [url], timeout_s=120)
-    yield str(hf_dir), url
+    ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    cmds = [[sys.executable, "-m", "megafork", "serve", "--model", str(hf_dir), "--port", str(p), "--device", "cpu",
+             "--threads", "1", "--log-level", "WARNING", "--weight-sync-timeout", "120"] for p in ports]
+    procs = launch_servers(cmds, urls, timeout_s=120)
+    yield str(hf_dir), urls
     stop_servers(procs)
 
 
@@ -68,7 +70,7 @@ def _hf_greedy(hf_dir, state, prompts):
             0, len(p):].tolist() for p in prompts]
 
 
-def _trainer(rank, world, hf_dir, url):
+def _trainer(rank, world, hf_dir, urls):
     import torch.distributed as dist
 
     from megafork.distributed import ParallelConfig, init_distributed
@@ -94,7 +96,7 @@ def _trainer(rank, world, hf_dir, url):
     groups = init_distributed(ParallelConfig(tp=2))
     model = build_qwen3(read_hf_config(hf_dir), Qwen3BuildOptions(dtype="fp32", spec="local"), groups)
     load_hf_weights(model, hf_dir, groups)
-    engine = SGLangEngine([url], timeout_s=120) if rank == 0 else None
+    engine = SGLangEngine(urls, timeout_s=120) if rank == 0 else None  # prompts spread over both
     greedy = SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     res: dict = {}
 
@@ -123,7 +125,7 @@ def _trainer(rank, world, hf_dir, url):
     kept: dict[str, torch.Tensor] = {}
     sender = None
     if rank == 0:
-        sender = HttpWeightSender([url], WeightSyncConfig(bucket_bytes=16 << 10, load_format="flattened_bucket",
+        sender = HttpWeightSender(urls, WeightSyncConfig(bucket_bytes=16 << 10, load_format="flattened_bucket",
                                                          verify_checksums=True, timeout_s=120))
         sender.connect()
     stats = sync_weights(sender, export(kept), weight_version="step-1")
@@ -133,16 +135,17 @@ def _trainer(rank, world, hf_dir, url):
         res["stats"] = stats.as_dict()
         res["exported_bytes"] = sum(t.numel() * t.element_size() for t in kept.values())
         res["greedy_1"] = (responses, _hf_greedy(hf_dir, kept, PROMPTS))
-        got = request_json(url, "/get_weights_checksum", {"names": sorted(kept)})[1]
-        res["checksums_1"] = got["checksums"] == {n: tensor_checksum(t) for n, t in kept.items()}
-        res["version_1"] = got["weight_version"]
+        want = {n: tensor_checksum(t) for n, t in kept.items()}
+        got = [request_json(u, "/get_weights_checksum", {"names": sorted(kept)})[1] for u in urls]
+        res["checksums_1"] = [g["checksums"] == want for g in got]
+        res["version_1"] = [g["weight_version"] for g in got]
         sender.close()
 
     # Sync 2: new weights, the default format (per-tensor broadcasts on gloo), a fresh group.
     _perturb(model, groups, seed=2)
     kept = {}
     if rank == 0:
-        sender = HttpWeightSender([url], WeightSyncConfig(group_name="second", verify_checksums=True, timeout_s=120))
+        sender = HttpWeightSender(urls, WeightSyncConfig(group_name="second", verify_checksums=True, timeout_s=120))
         assert sender.config.resolved_load_format() == "per_tensor"
         sender.connect()
     sync_weights(sender, export(kept), weight_version="step-2")
@@ -150,15 +153,15 @@ def _trainer(rank, world, hf_dir, url):
     res["drift_synced_2"] = rollout_logprob_drift(served, trainer)
     if rank == 0:
         res["greedy_2"] = (responses, _hf_greedy(hf_dir, kept, PROMPTS))
-        sums = request_json(url, "/get_weights_checksum")[1]["checksums"]
-        res["checksums_2"] = all(sums[n] == tensor_checksum(t) for n, t in kept.items())
+        sums = [request_json(u, "/get_weights_checksum")[1]["checksums"] for u in urls]
+        res["checksums_2"] = [all(s[n] == tensor_checksum(t) for n, t in kept.items()) for s in sums]
         # A wrong-shaped tensor is received, rejected, and the step-2 weights keep serving.
         try:
             sender.send([("model.norm.weight", torch.zeros(65))], weight_version="bad")
             res["wrong_shape_error"] = None
         except RolloutError as exc:
             res["wrong_shape_error"] = str(exc)
-        res["checksums_after_reject"] = request_json(url, "/get_weights_checksum")[1]["checksums"] == sums
+        res["checksums_after_reject"] = [request_json(u, "/get_weights_checksum")[1]["checksums"] for u in urls] == sums
         res["greedy_after_reject"] = [s.response_ids for s in engine.generate(PROMPTS, greedy)] == responses
         # The group is still in step: a valid update goes through on it.
         res["after_reject_ok"] = sender.send([("model.norm.weight", kept["model.norm.weight"])]).num_tensors == 1
@@ -167,8 +170,8 @@ def _trainer(rank, world, hf_dir, url):
 
 
 def test_tp2_trainer_syncs_into_running_server(served):
-    hf_dir, url = served
-    res = run_ranks(_trainer, 2, args=(hf_dir, url), timeout=240)
+    hf_dir, urls = served
+    res = run_ranks(_trainer, 2, args=(hf_dir, urls), timeout=240)
     r0, r1 = res
     assert r0["drift_initial"] < 1e-5, r0["drift_initial"]  # megatron TP=2 and the server agree before changes
     assert r0["drift_stale"] > 1e-2, r0["drift_stale"]  # the trainer moved away from what is served
@@ -180,6 +183,7 @@ def test_tp2_trainer_syncs_into_running_server(served):
     assert served_1 == hf_1
     served_2, hf_2 = r0["greedy_2"]
     assert served_2 == hf_2 and served_2 != served_1
-    assert r0["checksums_1"] and r0["checksums_2"] and r0["version_1"] == "step-1"
+    assert r0["checksums_1"] == [True, True] and r0["checksums_2"] == [True, True]
+    assert r0["version_1"] == ["step-1", "step-1"]
     assert "expected shape [64], found [65]" in r0["wrong_shape_error"] and "still serving" in r0["wrong_shape_error"]
     assert r0["checksums_after_reject"] and r0["greedy_after_reject"] and r0["after_reject_ok"]

@@ -419,8 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    engine = EmbeddedEngine.from_pretrained(args.model, device=args.device, dtype=dtype,
-                                            max_batch_rows=args.max_batch_rows)
+    try:
+        engine = EmbeddedEngine.from_pretrained(args.model, device=args.device, dtype=dtype,
+                                                max_batch_rows=args.max_batch_rows)
+    except (OSError, ValueError) as exc:
+        print(f"megafork serve: {exc}", file=sys.stderr)
+        return 2
     server = make_server(engine, args.host, args.port, args.weight_sync_timeout)
     host, port = server.server_address[:2]
 
