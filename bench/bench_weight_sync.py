@@ -8,6 +8,9 @@ validation and load into its weights) is timed against a raw `broadcast` of the 
 the same pieces (per tensor or per bucket), from a preallocated buffer to a process that only
 receives into one. Both use the same kind of process group (gloo, loopback) in the same run,
 interleaved run by run. Medians of 5 runs.
+
+BENCH_SERVE_LOG=INFO shows the server's receive/load time per update; BENCH_SERVE_ARGS passes
+extra `megafork serve` flags (e.g. "--threads 1").
 """
 from __future__ import annotations
 
@@ -95,7 +98,7 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "megafork", "serve", "--model", str(hf_dir), "--port", str(port), "--device", "cpu",
-           "--dtype", "bfloat16", "--log-level", os.environ.get("BENCH_SERVE_LOG", "WARNING")]
+           "--dtype", "bfloat16", *os.environ.get("BENCH_SERVE_ARGS", "").split(), "--log-level", os.environ.get("BENCH_SERVE_LOG", "WARNING")]
     procs = launch_servers([cmd], [url], timeout_s=300)
     raw = RawBroadcast(nbytes)
     rows = []
