@@ -26,21 +26,27 @@ Gradients, and how they reach Megatron:
   after its forward, so one micro-batch's worth is held at a time.
 
 Wiring into megatron-core's `forward_backward_func` (megatron-core 0.16):
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        hidden = final_hidden_states(model, batch)        # [S, B, H] after the final norm
-        hidden = hidden.transpose(0, 1).reshape(-1, H)   # token order of labels.reshape(-1)
-        weight = (model.shared_embedding_or_output_weight()
-                  if model.share_embeddings_and_output_weights else model.output_layer.weight)
-        loss, metrics = fused_head_policy_loss(hidden, weight, batch.labels.reshape(-1), ...,
-                                               normalizer=global_token_count, tp_group=tp)
-        return loss, partial(loss_func, metrics)           # loss_func returns (loss, num, metrics)
 
-`final_hidden_states` is the decoder output the GPTModel would feed its `output_layer`. In
-megatron-core 0.16.1 `GPTModel._postprocess` returns it before the output layer when
-`model.post_process` is False, while `output_layer.weight` stays a registered parameter with
-its DDP hooks. With `calculate_per_token_loss=False` the schedule divides the loss by the number
-of micro-batches; pass `normalizer` so that the per-micro-batch losses sum to the step's loss.
+    def forward_step(data_iterator, model):            # model: megafork.models.qwen3.Qwen3GPTModel
+        batch = next(data_iterator)
+        hidden = model(batch.ids, batch.pos, None, return_hidden=True)   # last stage: [s, b, h]
+        hidden = hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])    # token order of [b, s]
+        loss, metrics = fused_head_policy_loss(
+            hidden, model.output_weight(), batch.labels.reshape(-1), batch.old_logprobs.reshape(-1),
+            batch.advantages.reshape(-1), batch.fork_mask.reshape(-1), tp_group=groups.tp,
+            vocab_size=vocab_size, clip_ratio_c=10.0, normalizer=global_token_count)
+        return loss, partial(loss_func, metrics)
+
+    def loss_func(metrics, loss):          # called by the schedule on the last stage
+        return loss, {"lm loss": loss.detach(), **scalar_metrics(metrics)}
+
+`model.output_weight()` is `output_layer.weight`, or the shared embedding weight when the
+embeddings are tied: in both cases the parameter itself, so its DDP hook fires. The final
+hidden states are the decoder output after the final RMSNorm, the tensor GPTModel would feed
+its `output_layer` (`return_hidden=True` skips the output layer). Megatron's schedule divides the
+returned loss by the number of micro-batches unless `calculate_per_token_loss` is set (then it
+expects `(loss, num_tokens, metrics)` and scales by the token count itself); choose the
+normaliser to match, so that the micro-batch losses add up to the step's objective.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-# One [rows, V_local] fp32 buffer of this many elements is 128 MiB; the fused ops hold about three.
+# One [rows, V_local] fp32 buffer of this many elements is 128 MiB; the ops keep two (see Workspace).
 DEFAULT_CHUNK_ELEMENTS = 2**25
 
 
@@ -157,11 +157,11 @@ def local_targets(labels: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor
 def chunk_stats(z: torch.Tensor, labels: torch.Tensor, shard: VocabShard, temperature: float,
                 group: dist.ProcessGroup | None, e_out: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, ChunkStats]:
-    """Statistics of one block of logits; `z` is consumed (shifted in place to s - m).
+    """Statistics of one block of logits; `z` is consumed (used as scratch).
 
     Args:
         z: [c, shard.valid] logits (padding columns already dropped), owned by the caller, in the
-            compute dtype. On return it holds s - m.
+            compute dtype. It is used as scratch: on return it holds e * (s - m).
         labels: [c] global target ids.
         shard: this rank's vocab shard.
         temperature: s = z / temperature.
@@ -184,10 +184,10 @@ def chunk_stats(z: torch.Tensor, labels: torch.Tensor, shard: VocabShard, temper
     col, on_rank = local_targets(labels, shard)
     sums = z.new_zeros(3, c)
     if shard.valid > 0:
-        torch.sum(e, dim=1, out=sums[0])
-        # Row-wise dot product through BLAS, without a [c, V] temporary.
-        sums[1] = torch.bmm(e[:, None, :], z[:, :, None]).view(c)
         sums[2] = torch.where(on_rank, z.gather(1, col[:, None]).squeeze(1), 0.0)
+        torch.sum(e, dim=1, out=sums[0])
+        # sum e (s - m) in place: no [c, V] temporary, and half the time of a batched dot.
+        torch.sum(z.mul_(e), dim=1, out=sums[1])
     all_reduce(sums, dist.ReduceOp.SUM, group)
     sum_exp, dot, target = sums.unbind(0)
     log_s = torch.log(sum_exp)
