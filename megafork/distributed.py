@@ -136,7 +136,8 @@ def init_distributed(cfg: ParallelConfig | None = None) -> ParallelGroups:
         pipeline_model_parallel_size=cfg.pp,
         context_parallel_size=cfg.cp,
         distributed_timeout_minutes=cfg.timeout_minutes,
-        create_gloo_process_groups=backend == "nccl",
+        # megatron's optimizer setup asks for the gloo DP groups even when the backend is gloo.
+        create_gloo_process_groups=True,
     )
     torch.manual_seed(cfg.seed)
     if cuda:

@@ -12,6 +12,10 @@ each of these raises. We fix them with two mechanisms, both applied only when
    `device="cuda"` allocate on the CPU. Every other module, and torch itself, is untouched.
 2. **One function replaced:** `clip_grad_by_total_norm_fp32` (optimizer/clip_grads.py) asserts
    CUDA grads; the optimizer gets an equivalent that scales CPU grads in place.
+3. **One method wrapped:** `LanguageModule.setup_embeddings_and_output_layer`
+   (models/common/language_module/language_module.py) moves the tied embedding to CUDA with the
+   tensor method `weight.data.cuda()` before all-reducing it over the embedding group (PP > 1
+   with tied embeddings). While that method runs, `Tensor.cuda` returns the tensor unchanged.
 
 Avoided without a patch (see megafork.distributed): the CUDA RNG tracker (megatron's
 inference tracker, whose fork() is a no-op, with dropout 0) and the causal mask built on
@@ -44,6 +48,9 @@ CPU_DEVICE_MODULES: dict[str, str] = {
     "megatron.core.optimizer.clip_grads": "grad-norm accumulators created with device='cuda'",
     "megatron.core.optimizer.distrib_optimizer": "shard buffers on the current device",
     "megatron.core.utils": "param-hash and norm helpers created with device='cuda'",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "torch.cuda.synchronize before preloading tensors",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "liveness flags on the current device",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save-plan verification flags on device='cuda'",
 }
 
 _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
@@ -120,6 +127,23 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
             g.mul_(clip_coeff)
 
 
+def _tensor_cuda_is_identity(method):
+    """Wrap `method` so that `Tensor.cuda()` inside it keeps the tensor where it is."""
+
+    def wrapped(*args, **kwargs):
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original
+
+    wrapped.__name__ = method.__name__
+    wrapped.__doc__ = method.__doc__
+    wrapped.__wrapped__ = method
+    return wrapped
+
+
 def apply_cpu_patches() -> bool:
     """Make megatron-core runnable on a CPU-only torch. Idempotent.
 
@@ -143,6 +167,9 @@ def apply_cpu_patches() -> bool:
         raise RuntimeError("megafork.compat: megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32 "
                            "not found; this megatron-core version is not supported")
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
+    cls = language_module.LanguageModule
+    cls.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(cls.setup_embeddings_and_output_layer)
     _applied = True
     return True
 
