@@ -81,15 +81,19 @@ class RawBroadcast:
 
 
 def main() -> None:
-    from megafork.rollout import HttpWeightSender, WeightSyncConfig, launch_servers, stop_servers
-    from megafork.rollout.buckets import iter_buckets
-    from megafork.testing.multirank import free_port
     from megafork.testing.tiny_qwen3 import make_tiny_qwen3
 
     logging.getLogger("megafork.rollout.weight_sync").setLevel(logging.WARNING)
-    tmp = tempfile.mkdtemp(prefix="bench_wsync_")
-    hf_dir = make_tiny_qwen3(os.path.join(tmp, "m"), init_std=0.02, **SHAPE)
+    with tempfile.TemporaryDirectory(prefix="bench_wsync_") as tmp:
+        _run(make_tiny_qwen3(os.path.join(tmp, "m"), init_std=0.02, **SHAPE))
+
+
+def _run(hf_dir) -> None:
     from safetensors.torch import load_file
+
+    from megafork.rollout import HttpWeightSender, WeightSyncConfig, launch_servers, stop_servers
+    from megafork.rollout.buckets import iter_buckets
+    from megafork.testing.multirank import free_port
 
     tensors = [(n, t.to(torch.bfloat16).contiguous()) for n, t in load_file(str(hf_dir / "model.safetensors")).items()]
     params = sum(t.numel() for _, t in tensors)
