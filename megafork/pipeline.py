@@ -1,0 +1,188 @@
+"""Forking-token DAPO for an existing Megatron pipeline: a `forward_step` in Megatron's contract.
+
+    from megafork.pipeline import PolicyLossConfig, policy_forward_step, logprob_forward_step
+
+    config.calculate_per_token_loss = True        # before DDP is built: megatron then divides the
+                                                  # gradients by the global token count itself
+    step_fn = policy_forward_step(PolicyLossConfig(normalizer="all_tokens"), tp_group=tp,
+                                  vocab_size=hf_vocab)
+    losses = get_forward_backward_func()(forward_step_func=step_fn, data_iterator=iter(batches),
+                                         model=ddp_chunks, num_microbatches=len(batches), ...)
+
+Each item the data iterator yields is a `megafork.train.batch.MicroBatch` (or any object with
+the same attribute names): `tokens`, `position_ids`, `labels`, `response_mask`,
+`old_logprobs`, `advantages` and, unless the scope is local, `fork_mask` (e.g. from
+`megafork.forking.select_forking_tokens` over the old pass's entropies).
+
+The model must return the final hidden states on the last stage when called with
+`return_hidden=True` and expose its LM-head weight shard as `output_weight()`;
+`megafork.models.qwen3.Qwen3GPTModel` does both. The LM head then runs fused
+(`megafork.ops.fused_head_policy_loss`): no [T, V] logits, and gradient GEMMs only for the
+forking rows. Per micro-batch, the loss function returns Megatron's per-token triple
+`(sum of token losses, token count, metrics)`. With `calculate_per_token_loss=True` the
+schedule sums both over micro-batches and `finalize_model_grads` divides the gradients by the
+count summed over DP ranks: the step's loss is Σ l / N_global with N the response tokens
+(normalizer="all_tokens", the paper) or the selected tokens ("selected_tokens", the released
+code), whatever the micro-batch and DP split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megafork.algo.loss import check_clip
+from megafork.forking import select_forking_tokens
+from megafork.ops import fused_head_logprobs_entropy, fused_head_policy_loss
+
+NORMALIZERS = ("all_tokens", "selected_tokens")
+
+
+@dataclass
+class PolicyLossConfig:
+    """The loss knobs of one update.
+
+    Attributes:
+        clip_low, clip_high: DAPO clip-higher range of the ratio.
+        clip_ratio_c: dual-clip bound for negative advantages (None: off).
+        normalizer: "all_tokens" (Σ|o_i|, the paper) or "selected_tokens" (the released code).
+        temperature: the rollout temperature; log-probs and entropy use logits / temperature.
+        chunk_size: rows per fused-head logits chunk (None: automatic).
+        local_ratio: when set, select in the training pass per micro-batch with `torch.topk`
+            (scope "local", the released code); the batch's `fork_mask` is then not read.
+        local_mode: "top" or "bottom" for the local selection.
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    clip_ratio_c: float | None = 10.0
+    normalizer: str = "all_tokens"
+    temperature: float = 1.0
+    chunk_size: int | None = None
+    local_ratio: float | None = None
+    local_mode: str = "top"
+
+    def __post_init__(self):
+        check_clip(self.clip_low, self.clip_high, self.clip_ratio_c)
+        if self.normalizer not in NORMALIZERS:
+            raise ValueError(f"algo.normalizer: expected one of {NORMALIZERS}, found {self.normalizer!r}")
+        if self.local_ratio is not None and not 0.0 < self.local_ratio <= 1.0:
+            raise ValueError(f"forking.ratio: expected a value in (0, 1], found {self.local_ratio!r}")
+        if self.local_mode not in ("top", "bottom"):
+            raise ValueError(f"forking.mode with scope 'local': expected 'top' or 'bottom', found {self.local_mode!r}")
+
+
+def _unwrap(model):
+    """The Qwen3GPTModel inside megatron's DDP / Float16Module wrappers."""
+    while not hasattr(model, "output_weight") and hasattr(model, "module"):
+        model = model.module
+    if not hasattr(model, "output_weight"):
+        raise TypeError(f"{type(model).__name__}: expected a model with output_weight() and return_hidden=True "
+                        "(megafork.models.qwen3.Qwen3GPTModel)")
+    return model
+
+
+def _flat_hidden(hidden: torch.Tensor) -> torch.Tensor:
+    """[s, b, h] decoder output -> [b*s, h] in the token order of [b, s] batch tensors."""
+    return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
+
+
+def _forward(batch, model):
+    return model(batch.tokens, batch.position_ids, None, return_hidden=True)
+
+
+def policy_forward_step(cfg: PolicyLossConfig, tp_group: dist.ProcessGroup | None, vocab_size: int):
+    """A Megatron `forward_step_func` for the DAPO update over forking tokens.
+
+    Args:
+        cfg: loss settings.
+        tp_group: tensor-parallel group (None on one process).
+        vocab_size: the true vocabulary (the padded rows of the LM head are excluded).
+
+    Returns:
+        `forward_step(data_iterator, model) -> (output, loss_func)`; on the last stage
+        `loss_func(hidden)` returns `(Σ token loss, token count, metrics)`.
+    """
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        return _forward(batch, model), partial(policy_loss_func, cfg, tp_group, vocab_size, batch, _unwrap(model))
+
+    return forward_step
+
+
+def policy_loss_func(cfg: PolicyLossConfig, tp_group, vocab_size: int, batch, model, hidden: torch.Tensor):
+    """Megatron loss function: DAPO over the forking tokens of one micro-batch (last stage).
+
+    Args:
+        cfg: loss settings.
+        tp_group: tensor-parallel group.
+        vocab_size: the true vocabulary.
+        batch: the micro-batch (see module docstring).
+        model: the unwrapped model (for `output_weight()`).
+        hidden: [s, b, h] final hidden states from the forward.
+
+    Returns:
+        (summed loss, token count as an int tensor, detached scalar metrics).
+    """
+    h = _flat_hidden(hidden)
+    weight = model.output_weight()
+    labels = batch.labels.reshape(-1)
+    response = batch.response_mask.reshape(-1)
+    if cfg.local_ratio is not None:
+        with torch.no_grad():
+            _, ent = fused_head_logprobs_entropy(h.detach(), weight.detach(), labels, tp_group=tp_group,
+                                                 temperature=cfg.temperature, vocab_size=vocab_size,
+                                                 chunk_size=cfg.chunk_size)
+        fork = select_forking_tokens(ent, response, cfg.local_ratio, mode=cfg.local_mode, group=None, ties="topk")
+    else:
+        if batch.fork_mask is None:
+            raise ValueError("micro-batch.fork_mask: expected the forking-token mask from the selection step "
+                             "(or PolicyLossConfig.local_ratio for in-pass selection), found None")
+        fork = batch.fork_mask.reshape(-1) & response
+    loss, m = fused_head_policy_loss(
+        h, weight, labels, batch.old_logprobs.reshape(-1), batch.advantages.reshape(-1), fork,
+        tp_group=tp_group, temperature=cfg.temperature, vocab_size=vocab_size, chunk_size=cfg.chunk_size,
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_ratio_c=cfg.clip_ratio_c, normalizer=1.0,
+        response_mask=response)
+    count = response.sum() if cfg.normalizer == "all_tokens" else fork.sum()
+    n_sel = fork.sum().to(torch.float32)
+    metrics = {
+        # Sums, so that the caller can aggregate over micro-batches and ranks exactly.
+        "loss_sum": loss.detach().to(torch.float32),
+        "normalizer": count.to(torch.float32),
+        "selected": n_sel,
+        "response_tokens": response.sum().to(torch.float32),
+        "clipfrac_low_sum": m["clipfrac_low"] * n_sel,
+        "clipfrac_high_sum": m["clipfrac_high"] * n_sel,
+        "approx_kl_sum": m["approx_kl"] * n_sel,
+    }
+    return loss, count.to(torch.int), metrics
+
+
+def logprob_forward_step(tp_group: dist.ProcessGroup | None, vocab_size: int, temperature: float = 1.0,
+                         chunk_size: int | None = None):
+    """A Megatron `forward_step_func` for the no-grad old pass (use with `forward_only=True`).
+
+    On the last stage each micro-batch's result in the schedule's return list is
+    `{"logprobs": [b, s], "entropy": [b, s]}` (fp32, label positions) from the fused head.
+    """
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        return _forward(batch, model), partial(_logprob_loss_func, tp_group, vocab_size, temperature,
+                                               chunk_size, batch, _unwrap(model))
+
+    return forward_step
+
+
+def _logprob_loss_func(tp_group, vocab_size, temperature, chunk_size, batch, model, hidden):
+    lp, ent = fused_head_logprobs_entropy(_flat_hidden(hidden), model.output_weight(), batch.labels.reshape(-1),
+                                          tp_group=tp_group, temperature=temperature, vocab_size=vocab_size,
+                                          chunk_size=chunk_size)
+    shape = batch.labels.shape
+    zero = torch.zeros((), dtype=torch.float32, device=lp.device)
+    return zero, torch.tensor(0, dtype=torch.int), {"logprobs": lp.view(shape).detach(),
+                                                    "entropy": ent.view(shape).detach()}

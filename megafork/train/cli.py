@@ -1,0 +1,38 @@
+"""`megafork train`: RLVR training from a YAML config plus dotted overrides.
+
+    torchrun --nproc_per_node=2 -m megafork train --config examples/configs/tiny_cpu.yaml
+    megafork train --config examples/configs/qwen3_8b.yaml train.steps=10 forking.ratio=0.2
+
+The config is fully validated before any work (unknown keys and bad values name the key, the
+expected value and the value found) and saved as `runs/<name>/config.yaml`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from megafork.train.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="megafork train", description="DAPO on forking tokens (megatron-core)")
+    p.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=4")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        p.exit(2, f"megafork train: {e}\n")
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if rank == 0:
+        cfg.log.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save_resolved(cfg.log.run_dir / "config.yaml")
+    from megafork.train.loop import train
+
+    summary = train(cfg)
+    if rank == 0:
+        print(f"megafork train: done; summary {summary} in {cfg.log.run_dir}")
+    return 0

@@ -1,0 +1,103 @@
+"""The RLVR loop: DAPO on forking tokens, one screen long.
+
+    torchrun --nproc_per_node=2 -m megafork train --config examples/configs/tiny_cpu.yaml
+    megafork train --config examples/configs/tiny_cpu.yaml train.steps=4     # one process
+
+Per step: rank 0 generates and verifies (dynamic sampling, GRPO advantages) -> every rank takes
+its DP share -> no-grad old pass (fused head: old log-probs + entropy) -> forking selection over
+the scope -> mini-batch updates through megatron's forward_backward_func -> weight sync to the
+engine -> metrics, evaluation, checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+
+import torch
+
+from megafork.distributed import init_distributed
+from megafork.train import checkpoint
+from megafork.train.metrics import MetricsLogger, Timer
+from megafork.train.rollout_phase import collect_rollouts, evaluate
+from megafork.train.setup import build_run
+from megafork.train.shard import broadcast_from, shard_step
+from megafork.train.step_metrics import dump_entropy, step_metrics
+from megafork.train.update import old_pass, select, train_minibatches
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg) -> dict:
+    """Run `cfg.train.steps` RL steps; returns the summary written to `summary.json` (rank 0)."""
+    t_start = time.perf_counter()
+    groups = init_distributed(cfg.parallel)
+    run = build_run(cfg, groups)
+    run_dir = cfg.log.run_dir
+    start, extra = checkpoint.resume(cfg, run, run_dir)
+    logger = MetricsLogger(run_dir, cfg, start_step=start) if groups.rank == 0 else None
+    summary = extra.get("summary", {"initial_accuracy": None, "final_accuracy": None})
+    if start == 0 and run.eval_dataset is not None:
+        summary["initial_accuracy"] = _eval(run, step=0)
+
+    for step in range(start, cfg.train.steps):
+        timer = Timer()
+        with timer("rollout"):
+            trajs, rstats = collect_rollouts(run.engine, run.dataset, run.sampler, run.tokenizer, run.reward_fn,
+                                             cfg, step) if groups.rank == 0 else (None, None)
+            trajs, rstats, sampler_state = broadcast_from((trajs, rstats, run.sampler.state_dict()), src=0)
+            run.sampler.load_state_dict(sampler_state)
+        mbs, minis = shard_step(trajs, cfg.algo.n, cfg.train.minibatch_prompts, cfg.train.micro_batch_size,
+                                groups.dp_rank, groups.dp_size, pad_id=_pad_id(run))
+        threshold, sums = math.nan, {}
+        if mbs:
+            with timer("old_pass"):
+                old_pass(run.model, mbs, groups, run.vocab_size, cfg.rollout.temperature, cfg.model.head_chunk_tokens)
+                threshold = select(mbs, cfg.forking, minis, groups, seed=cfg.train.seed + step)
+            with timer("update"):
+                sums = train_minibatches(run.model, run.optimizer, mbs, minis, run.loss_cfg, groups, run.vocab_size)
+        run.scheduler.step(increment=1)
+        with timer("sync"):
+            _sync(run, step)
+        metrics = step_metrics(run, step, mbs, sums, rstats, threshold, timer)
+        if cfg.log.entropy_dump_every and (step + 1) % cfg.log.entropy_dump_every == 0:
+            dump_entropy(run, run_dir, step, mbs, threshold)
+        if run.eval_dataset is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0:
+            metrics["eval_accuracy"] = summary["final_accuracy"] = _eval(run, step + 1)
+        if logger is not None:
+            logger.log(step, metrics)
+        if _due(cfg.train.save_every, step, cfg.train.steps):
+            summary["steps"] = step + 1
+            checkpoint.save(run, run_dir, step + 1, {"summary": summary})
+
+    if run.eval_dataset is not None and (summary["final_accuracy"] is None or cfg.eval.every == 0
+                                          or cfg.train.steps % cfg.eval.every):
+        summary["final_accuracy"] = _eval(run, cfg.train.steps)
+    summary.update(steps=cfg.train.steps, wall_seconds=time.perf_counter() - t_start)
+    if groups.rank == 0:
+        logger.close()
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _eval(run, step: int) -> float | None:
+    acc = evaluate(run.engine, run.eval_dataset, run.tokenizer, run.reward_fn, run.cfg, step) \
+        if run.groups.rank == 0 else None
+    return broadcast_from(acc, src=0)
+
+
+def _sync(run, step: int) -> None:
+    from megafork.models.qwen3 import export_hf_tensors
+    from megafork.rollout import sync_weights
+
+    sync_weights(run.sender, export_hf_tensors(run.unwrapped, run.groups), weight_version=str(step + 1))
+
+
+def _pad_id(run) -> int:
+    pad = getattr(run.tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def _due(every: int, step: int, steps: int) -> bool:
+    return step + 1 == steps or (every > 0 and (step + 1) % every == 0)

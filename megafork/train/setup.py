@@ -1,0 +1,122 @@
+"""Everything a run needs before its first step: model, optimizer, engine, data, logger."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from megafork.data.dataset import PromptDataset, load_tokenizer
+from megafork.data.sampler import PromptSampler
+from megafork.models.qwen3 import Qwen3BuildOptions, build_qwen3, load_hf_weights, read_hf_config
+from megafork.pipeline import PolicyLossConfig
+from megafork.rewards import get_reward
+from megafork.train.optim import build_optimizer, enable_per_token_loss, wrap_ddp
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+@dataclass
+class Run:
+    """The live objects of a training run (built by `build_run`)."""
+
+    cfg: object
+    groups: object
+    model: list            # DDP-wrapped chunks
+    optimizer: object
+    scheduler: object
+    vocab_size: int
+    loss_cfg: PolicyLossConfig
+    tokenizer: object
+    dataset: PromptDataset
+    eval_dataset: PromptDataset | None
+    sampler: PromptSampler
+    reward_fn: object
+    engine: object = None   # rank 0 only
+    sender: object = None   # rank 0 only
+
+    @property
+    def unwrapped(self):
+        return self.model[0].module
+
+
+def build_run(cfg, groups) -> Run:
+    """Build model (HF weights or a megatron checkpoint), optimizer, data and, on rank 0, the engine."""
+    _check_layout(cfg, groups)
+    hf = read_hf_config(cfg.model.hf_path)
+    if cfg.model.transformer_impl == "transformer_engine":
+        spec = "te"
+    else:
+        spec = "local"
+    opts = Qwen3BuildOptions(dtype=_DTYPES[cfg.model.dtype], spec=spec,
+                             use_cpu_initialization=not torch.cuda.is_available(),
+                             perform_initialization=False)
+    model = build_qwen3(hf, opts, groups)
+    if cfg.model.megatron_path:
+        from megafork.models.qwen3.checkpoint import load_megatron_checkpoint
+
+        load_megatron_checkpoint(model, cfg.model.megatron_path)
+    else:
+        load_hf_weights(model, cfg.model.hf_path, groups)
+    model.config.variable_seq_lengths = groups.pp_size > 1  # micro-batches are padded per batch
+    enable_per_token_loss(model)
+    chunks = [wrap_ddp(model, groups)]
+    optimizer, scheduler = build_optimizer(cfg.optim, chunks, total_steps=cfg.train.steps, groups=groups)
+
+    tokenizer = load_tokenizer(cfg.model.hf_path)
+    dataset = PromptDataset.from_config(cfg.data, tokenizer)
+    eval_dataset = PromptDataset.from_config(cfg.data, tokenizer, path=cfg.eval.path) if cfg.eval.path else None
+    # Rank 0 draws every prompt (it drives the engine); all ranks keep the same sampler state.
+    sampler = PromptSampler(len(dataset), cfg.train.prompts_per_step, cfg.train.seed, cfg.data.shuffle)
+    fk = cfg.forking
+    loss_cfg = PolicyLossConfig(
+        clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, clip_ratio_c=cfg.algo.clip_ratio_c,
+        normalizer=cfg.algo.normalizer, temperature=cfg.rollout.temperature,
+        chunk_size=cfg.model.head_chunk_tokens,
+        local_ratio=fk.ratio if fk.scope == "local" else None, local_mode=fk.mode if fk.scope == "local" else "top")
+    run = Run(cfg=cfg, groups=groups, model=chunks, optimizer=optimizer, scheduler=scheduler,
+              vocab_size=hf.vocab_size, loss_cfg=loss_cfg, tokenizer=tokenizer, dataset=dataset,
+              eval_dataset=eval_dataset, sampler=sampler, reward_fn=get_reward(cfg.data.reward))
+    if groups.rank == 0:
+        run.engine, run.sender = _build_engine(cfg)
+    return run
+
+
+def _build_engine(cfg):
+    from megafork.rollout import (
+        EmbeddedEngine,
+        HttpWeightSender,
+        LocalWeightSender,
+        SGLangEngine,
+        WeightSyncConfig,
+    )
+
+    sync_cfg = WeightSyncConfig(bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20,
+                                verify_checksums=cfg.rollout.weight_sync_checksum)
+    if cfg.rollout.engine == "embedded":
+        engine = EmbeddedEngine.from_pretrained(cfg.model.hf_path, max_batch_rows=cfg.rollout.batch_size)
+        return engine, LocalWeightSender(engine, sync_cfg)
+    engine = SGLangEngine(cfg.rollout.sglang_urls)
+    sender = HttpWeightSender(cfg.rollout.sglang_urls, sync_cfg)
+    sender.connect()
+    return engine, sender
+
+
+def _check_layout(cfg, groups) -> None:
+    """Batch-shape rules that depend on the DP size; each error names the field."""
+    dp = groups.dp_size
+    t = cfg.train
+    if t.minibatch_prompts % dp:
+        raise ValueError(f"train.minibatch_prompts: expected a multiple of the data-parallel size {dp}, "
+                         f"found {t.minibatch_prompts}")
+    if t.prompts_per_step % t.minibatch_prompts:
+        raise ValueError(f"train.prompts_per_step: expected a multiple of train.minibatch_prompts="
+                         f"{t.minibatch_prompts}, found {t.prompts_per_step}")
+    if cfg.forking.scope == "local" and cfg.forking.mode not in ("top", "bottom"):
+        raise ValueError(f"forking.mode: scope 'local' (torch.topk per micro-batch) supports 'top' or 'bottom', "
+                         f"found {cfg.forking.mode!r}")
+    if not torch.cuda.is_available() and cfg.model.dtype != "float32":
+        log.warning("model.dtype=%s on a CPU-only torch: bf16/fp16 matmuls are slow on CPU; float32 is "
+                    "recommended for CPU runs", cfg.model.dtype)

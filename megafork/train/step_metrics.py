@@ -1,0 +1,109 @@
+"""A step's metrics (one metrics.jsonl line) and its entropy dump, gathered onto rank 0.
+
+Token statistics live on the last pipeline stage; they are summed over its `dp_cp` group and
+sent to rank 0 from the stage's first rank (tp 0, dp 0). Entropy percentiles are exact global
+order statistics from the same radix select the forking threshold uses.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megafork.analysis.io import write_entropy_dump
+from megafork.forking import topk_threshold
+from megafork.train.shard import broadcast_from, response_tokens
+from megafork.train.update import reduce_sums
+
+
+def reporter_rank(groups) -> int:
+    """Global rank of the last stage's (tp 0, dp 0, cp 0) rank: it reports token statistics."""
+    me = groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0 and groups.cp_rank == 0
+    t = torch.tensor([groups.rank if me else -1])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, timer) -> dict:
+    """The metrics of one step, identical on every rank (computed on the last stage, broadcast)."""
+    g = run.groups
+    token_stats = None
+    if g.is_last_stage:
+        token_stats = _token_stats(mbs, sums, g)
+    token_stats = broadcast_from(token_stats, src=reporter_rank(g))
+    lr = float(run.optimizer.param_groups[0]["lr"])
+    seconds = timer.seconds
+    total_s = sum(seconds.values()) or math.nan
+    m = {
+        "step": step + 1,
+        "reward_mean": rstats.reward_mean, "accuracy": rstats.accuracy,
+        "response_len_mean": rstats.response_len_mean, "truncated_fraction": rstats.truncated_fraction,
+        "groups_kept": rstats.groups_kept, "groups_short": rstats.groups_short,
+        "sampling_rounds": rstats.rounds, "lr": lr, "entropy_threshold": threshold,
+        **token_stats,
+        **{f"seconds_{k}": v for k, v in seconds.items()},
+    }
+    m["tokens_per_second"] = token_stats.get("tokens", 0.0) / total_s if total_s == total_s else math.nan
+    return m
+
+
+def _token_stats(mbs, sums: dict, g) -> dict:
+    ent, resp = _flat(mbs, "entropy"), _flat_mask(mbs)
+    sel = _flat(mbs, "fork_mask") if mbs and mbs[0].fork_mask is not None else None
+    old, rollout = response_tokens(mbs, "old_logprobs"), response_tokens(mbs, "rollout_logprobs")
+    local = {
+        "response_tokens": float(resp.sum()),
+        "selected_count": float(sel[resp].sum()) if sel is not None else float(sums.get("selected", 0.0)),
+        "gap_sum": float((old - rollout).abs().sum()) if old.numel() else 0.0,
+        "tokens": float(sum(mb.tokens.numel() for mb in mbs)),
+        **{k: v for k, v in sums.items() if k != "grad_norm"},
+    }
+    tot = reduce_sums(local, g.dp_cp)
+    n_resp, n_sel = max(tot["response_tokens"], 1.0), max(tot.get("selected", tot["selected_count"]), 1.0)
+    out = {
+        "selected_count": tot["selected_count"],
+        "selected_fraction": tot["selected_count"] / n_resp,
+        "logprob_gap": tot["gap_sum"] / n_resp,
+        "tokens": tot["tokens"],
+        "grad_norm": sums.get("grad_norm", math.nan),
+        "loss": tot.get("loss_sum", math.nan) / max(tot.get("normalizer", 0.0), 1.0),
+        "clip_fraction_low": tot.get("clipfrac_low_sum", 0.0) / n_sel,
+        "clip_fraction_high": tot.get("clipfrac_high_sum", 0.0) / n_sel,
+        "approx_kl": tot.get("approx_kl_sum", 0.0) / n_sel,
+    }
+    if sel is None:  # scope "local": selected in the training pass
+        out["selected_count"] = tot.get("selected", 0.0)
+        out["selected_fraction"] = out["selected_count"] / n_resp
+    for name, ratio in (("entropy_p50", 0.5), ("entropy_p80", 0.2), ("entropy_p95", 0.05)):
+        out[name] = topk_threshold(ent, resp, ratio, group=g.dp_cp) if ent.numel() else math.nan
+    return out
+
+
+def _flat(mbs, field):
+    return torch.cat([getattr(mb, field).reshape(-1) for mb in mbs]) if mbs else torch.zeros(0)
+
+
+def _flat_mask(mbs):
+    return torch.cat([mb.response_mask.reshape(-1) for mb in mbs]) if mbs else torch.zeros(0, dtype=torch.bool)
+
+
+def dump_entropy(run, run_dir, step: int, mbs, threshold: float) -> None:
+    """Write `entropy_step{N}.pt` from the reporting rank's response tokens (see analysis.io)."""
+    g = run.groups
+    if not (g.is_last_stage and g.tp_rank == 0 and g.dp_rank == 0 and g.cp_rank == 0) or not mbs:
+        return
+    ids, ent, sel, resp_idx, pos = [], [], [], [], []
+    row0 = 0
+    for mb in mbs:
+        rows, cols = mb.response_mask.nonzero(as_tuple=True)
+        ids.append(mb.labels[rows, cols])
+        ent.append(mb.entropy[rows, cols])
+        fork = mb.fork_mask if mb.fork_mask is not None else torch.zeros_like(mb.response_mask)
+        sel.append(fork[rows, cols])
+        resp_idx.append(rows + row0)
+        first = mb.response_mask.float().argmax(dim=1)
+        pos.append(cols - first[rows])
+        row0 += mb.tokens.shape[0]
+    write_entropy_dump(run_dir, step + 1, torch.cat(ids), torch.cat(ent).float(), torch.cat(sel),
+                       torch.cat(resp_idx), torch.cat(pos), run.cfg.forking.ratio, threshold)
