@@ -16,6 +16,10 @@ each of these raises. We fix them with two mechanisms, both applied only when
    (models/common/language_module/language_module.py) moves the tied embedding to CUDA with the
    tensor method `weight.data.cuda()` before all-reducing it over the embedding group (PP > 1
    with tied embeddings). While that method runs, `Tensor.cuda` returns the tensor unchanged.
+4. **One method replaced:** `FileSystemWriterAsync.write_preloaded_data_multiproc`
+   (dist_checkpointing/strategies/filesystem_async.py) forks one writer process per bucket even
+   for a synchronous save. Forking a process that runs gloo's threads intermittently deadlocked
+   the child here; the replacement writes the same buckets in-process, in order.
 
 Avoided without a patch (see megafork.distributed): the CUDA RNG tracker (megatron's
 inference tracker, whose fork() is a no-op, with dropout 0) and the causal mask built on
@@ -144,6 +148,26 @@ def _tensor_cuda_is_identity(method):
     return wrapped
 
 
+def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
+    """In-process twin of FileSystemWriterAsync.write_preloaded_data_multiproc (no fork)."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    results: dict | Exception = {}
+    for i, bucket in enumerate(write_buckets):
+        local_results, count = queue.Queue(), queue.Queue()
+        count.put(i)
+        kwargs = {"use_msc": use_msc} if use_msc else {}
+        FileSystemWriterAsync.write_preloaded_data(transform_list, i, bucket, local_results, count, True, **kwargs)
+        _, out = local_results.get_nowait()
+        if isinstance(out, Exception):
+            results = out
+            break
+        results[i] = out
+    global_results_queue.put(results)
+
+
 def apply_cpu_patches() -> bool:
     """Make megatron-core runnable on a CPU-only torch. Idempotent.
 
@@ -170,6 +194,8 @@ def apply_cpu_patches() -> bool:
     language_module = importlib.import_module("megatron.core.models.common.language_module.language_module")
     cls = language_module.LanguageModule
     cls.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(cls.setup_embeddings_and_output_layer)
+    fs_async = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    fs_async.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_process)
     _applied = True
     return True
 

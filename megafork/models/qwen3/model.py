@@ -96,7 +96,8 @@ def layer_spec(hf: Qwen3HFConfig, opts: Qwen3BuildOptions):
     return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
 
 
-def build_qwen3(hf: Qwen3HFConfig, opts: Qwen3BuildOptions, groups, vp_stage: int | None = None) -> Qwen3GPTModel:
+def build_qwen3(hf: Qwen3HFConfig, opts: Qwen3BuildOptions, groups, vp_stage: int | None = None,
+                padded_vocab: int | None = None) -> Qwen3GPTModel:
     """Build this rank's stage of Qwen3 as a megatron-core GPTModel.
 
     Args:
@@ -104,16 +105,23 @@ def build_qwen3(hf: Qwen3HFConfig, opts: Qwen3BuildOptions, groups, vp_stage: in
         opts: build options (dtype, recompute, SP, spec).
         groups: `megafork.distributed.ParallelGroups` of this rank.
         vp_stage: virtual pipeline stage (None without interleaving).
+        padded_vocab: vocab rows including padding; default `padded_vocab_size(vocab, tp,
+            opts.vocab_multiple)`. Checkpoints record theirs so any TP it divides can load them.
 
     Returns:
         The model on `groups.device`, in `opts.dtype`, with `hf_config` and
         `vocab_size_unpadded` attached.
     """
     tcfg = to_transformer_config(hf, opts, tp=groups.tp_size, pp=groups.pp_size, cp=groups.cp_size)
+    if padded_vocab is None:
+        padded_vocab = padded_vocab_size(hf.vocab_size, groups.tp_size, opts.vocab_multiple)
+    if padded_vocab < hf.vocab_size or padded_vocab % groups.tp_size:
+        raise ValueError(f"padded_vocab = {padded_vocab}: expected >= vocab_size {hf.vocab_size} and "
+                         f"divisible by tensor-parallel size {groups.tp_size}")
     model = Qwen3GPTModel(
         config=tcfg,
         transformer_layer_spec=layer_spec(hf, opts),
-        vocab_size=padded_vocab_size(hf.vocab_size, groups.tp_size, opts.vocab_multiple),
+        vocab_size=padded_vocab,
         max_sequence_length=hf.max_position_embeddings,
         pre_process=groups.is_first_stage,
         post_process=groups.is_last_stage,
