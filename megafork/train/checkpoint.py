@@ -1,0 +1,531 @@
+"""Atomic, resumable training checkpoints through megatron-core `dist_checkpointing`.
+
+    root = checkpoints_root(cfg.log.run_dir)                       # runs/<name>/checkpoints
+    path = resolve_resume(cfg.train.resume, root)                  # None = start fresh
+    if path is not None:
+        loaded = load_checkpoint(path, [ddp], optimizer, scheduler, groups)
+        start_step, sampler_state = loaded.step, loaded.extra["data"]
+    ...
+    save_checkpoint(root, step, [ddp], optimizer, scheduler, groups,
+                    extra={"data": sampler.state_dict()}, keep_last=3)
+
+Public API:
+    checkpoints_root(run_dir) -> Path
+    save_checkpoint(root, step, model_chunks, optimizer, scheduler, groups, extra=None, rank_extra=None,
+                    keep_last=3) -> Path                          (call on every rank)
+    load_checkpoint(path, model_chunks, optimizer, scheduler, groups, load_optimizer=True) -> LoadedCheckpoint
+    resolve_resume(resume, root) -> Path | None                   ("auto" | "none" | a path)
+    latest_checkpoint(root) -> Path | None
+    list_checkpoints(root) -> list[Path]                          (complete ones, by step)
+    validate_checkpoint(path) -> dict                             (the meta; raises CheckpointError)
+    capture_rng_state() -> dict, restore_rng_state(state) -> None
+    CheckpointError(ValueError), LoadedCheckpoint(path, step, extra, rank_extra, meta)
+
+Layout of `root`:
+    step_0000020/                 one complete checkpoint (dist_checkpointing files, see below)
+    step_0000040/
+    latest                        text file holding the name of the newest complete checkpoint
+    step_0000060.tmp-<nonce>/     a save in progress (or killed); ignored, removed by the next save
+
+A checkpoint directory holds what `dist_checkpointing.save` writes (torch_dist format:
+`__<rank>_<i>.distcp`, `.metadata`, `common.pt`, `metadata.json`) for this sharded state dict:
+    "model" (or "model0", "model1", ... with virtual pipeline chunks): `chunk.module.sharded_state_dict()`,
+        i.e. the plain GPTModel keys, the same keys `megafork.models.qwen3.checkpoint` writes;
+    "optimizer": `optimizer.sharded_state_dict(model_sd)` (Adam moments, fp32 main params, step);
+    "scheduler": `scheduler.state_dict()`;
+    "extra": `pickle.dumps(extra)` - the loop's state (saved once, by rank 0; must agree on all ranks);
+    "rank_state": a `ShardedObject` keyed by global rank: the pickled RNG states of this rank
+        (python `random`, numpy, torch CPU, torch CUDA + megatron's CUDA RNG tracker when present)
+        and `rank_extra`.
+and last `megafork_checkpoint.json` (step, layout, versions), whose presence marks it complete.
+Pickled bytes keep `torch.load(weights_only=True)` (megatron's common-state loader) working for
+any picklable value; checkpoints are trusted input, like any torch checkpoint.
+
+Atomicity: every rank writes into `step_N.tmp-<nonce>/` (nonce from rank 0) and fsyncs its files;
+after a barrier rank 0 writes the meta file, fsyncs it and the directory, renames the directory to
+`step_N/` and replaces `latest` by write-temp + fsync + `os.replace`. A process killed at any point
+leaves either the previous `latest` or the new one pointing at a complete checkpoint. Old
+checkpoints beyond `keep_last` are renamed to `*.deleting-<nonce>` before removal, so a kill during
+pruning never leaves a half-deleted directory under a checkpoint name.
+
+Bit-exact resume: model, optimizer and scheduler state are restored exactly, and every RNG of every
+rank is restored last. RNG state of objects the loop owns (e.g. a `torch.Generator` of a rollout
+engine) must travel in `extra`/`rank_extra`. The RNG states are restored only when the world size
+and the TP/PP/CP/DP layout equal the saved ones (otherwise ranks do not correspond; a warning says so).
+
+dist_checkpointing writes each rank's shards in forked writer processes (megatron's
+`FileSystemWriterAsync`, `thread_count` of them). Its result queue would be created through a
+*spawn*-context Manager, a process that re-imports `__main__` (seconds per process, and a hazard for
+scripts without an `if __name__ == "__main__":` guard); the queue is only read by the saving
+process in a synchronous save, so `_save_strategy` gives megatron a plain `queue.Queue` instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import queue
+import random
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "megafork_checkpoint.json"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_TMP_RE = re.compile(r"^(step_\d+\.tmp-|step_\d+\.deleting-|step_\d+\.replaced-|latest\.tmp-)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, not a megafork checkpoint, incomplete or does not fit this run."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What `load_checkpoint` restored besides the model/optimizer/scheduler it loaded in place.
+
+    Attributes:
+        path: the checkpoint directory.
+        step: the step saved (the number of RL steps completed; resume at this step).
+        extra: the loop's `extra` dict as saved.
+        rank_extra: this rank's `rank_extra` (None if none was saved or the world size changed).
+        meta: the contents of `megafork_checkpoint.json`.
+    """
+
+    path: Path
+    step: int
+    extra: dict
+    rank_extra: object
+    meta: dict = field(repr=False)
+
+
+def checkpoints_root(run_dir: str | Path) -> Path:
+    """`run_dir/checkpoints`: where a run's checkpoints and the `latest` pointer live."""
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state.
+
+def capture_rng_state() -> dict:
+    """Every RNG this process draws from: python `random`, numpy's global, torch CPU, and with CUDA
+    the current device's generator and megatron's model-parallel CUDA RNG tracker."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda_tracker"] = get_cuda_rng_tracker().get_states()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Inverse of `capture_rng_state`.
+
+    Args:
+        state: a dict from `capture_rng_state` (of this rank).
+
+    Raises:
+        CheckpointError: a CUDA state without CUDA here (or the reverse).
+    """
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() != ("cuda" in state):
+        raise CheckpointError(f"RNG state: expected {'a' if torch.cuda.is_available() else 'no'} CUDA generator "
+                              f"state (CUDA available: {torch.cuda.is_available()}), found keys {sorted(state)}")
+    if "cuda" in state:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        torch.cuda.set_rng_state(state["cuda"])
+        get_cuda_rng_tracker().set_states(state["cuda_tracker"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding and validating checkpoints.
+
+def validate_checkpoint(path: str | Path) -> dict:
+    """Check that `path` is a complete megafork checkpoint and return its meta.
+
+    Args:
+        path: a `step_N` directory.
+
+    Raises:
+        CheckpointError: naming the path and what is wrong (missing, not a directory, not a
+            megafork checkpoint, incomplete, unreadable meta).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p}: expected a checkpoint directory, found nothing at that path")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint {p}: expected a directory, found a file")
+    meta_path = p / META_FILE
+    if _TMP_RE.match(p.name):
+        raise CheckpointError(f"checkpoint {p}: incomplete (a save that did not finish: its name has a "
+                              f"temporary suffix); use a step_N directory or train.resume=auto")
+    if not meta_path.is_file():
+        if (p / "metadata.json").is_file():
+            raise CheckpointError(f"checkpoint {p}: a megatron dist checkpoint but not a megafork training "
+                                  f"checkpoint (no {META_FILE}); to start from model weights use "
+                                  f"model.megatron_path instead of train.resume")
+        raise CheckpointError(f"checkpoint {p}: not a megafork checkpoint (expected {META_FILE}, found "
+                              f"{sorted(x.name for x in p.iterdir())[:10]})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {meta_path}: unreadable ({exc})") from exc
+    for key in ("format_version", "step", "world_size", "model_keys", "has_optimizer_state"):
+        if key not in meta:
+            raise CheckpointError(f"checkpoint {meta_path}: expected field {key!r}, found keys {sorted(meta)}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {meta_path}: expected format_version {FORMAT_VERSION}, "
+                              f"found {meta['format_version']}")
+    missing = [f for f in ("metadata.json", ".metadata", "common.pt") if not (p / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {p}: incomplete, dist_checkpointing files {missing} are missing")
+    return meta
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest step first (temporary directories are skipped)."""
+    r = Path(root)
+    if not r.is_dir():
+        return []
+    found = []
+    for p in r.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / META_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `root/latest` names; None when the run has none.
+
+    If `latest` is absent or names a directory that is not a complete checkpoint (e.g. removed by
+    hand), the newest complete `step_N` is used and a warning says so.
+
+    Args:
+        root: the checkpoints directory of a run (`checkpoints_root(run_dir)`).
+    """
+    r = Path(root)
+    pointer = r / LATEST_FILE
+    complete = list_checkpoints(r)
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        target = r / name
+        try:
+            validate_checkpoint(target)
+            return target
+        except CheckpointError as exc:
+            fallback = complete[-1] if complete else None
+            logger.warning("%s names %r, which is not usable (%s); using %s instead", pointer, name, exc,
+                           fallback if fallback is not None else "no checkpoint (fresh start)")
+            return fallback
+    if complete:
+        logger.warning("%s has checkpoints but no %r pointer; using the newest, %s", r, LATEST_FILE, complete[-1])
+        return complete[-1]
+    return None
+
+
+def resolve_resume(resume: str, root: str | Path) -> Path | None:
+    """Turn `train.resume` into the checkpoint to load (None = start fresh).
+
+    Args:
+        resume: "auto" (the run's latest checkpoint if any, else fresh), "none" (always fresh), or
+            a path: a `step_N` checkpoint directory, or a checkpoints directory holding `latest`.
+        root: this run's checkpoints directory (used by "auto").
+
+    Raises:
+        CheckpointError: an explicit path that is missing, not a megafork checkpoint or incomplete.
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(root)
+    p = Path(resume)
+    if p.is_dir() and (p / LATEST_FILE).is_file() and not (p / META_FILE).is_file():
+        target = latest_checkpoint(p)
+        if target is None:
+            raise CheckpointError(f"train.resume={resume!r}: {p / LATEST_FILE} exists but no complete checkpoint "
+                                  f"is in {p}")
+        return target
+    try:
+        validate_checkpoint(p)
+    except CheckpointError as exc:
+        raise CheckpointError(f"train.resume={resume!r}: {exc}") from exc
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving.
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast_str(text: str | None) -> str:
+    if not dist.is_initialized():
+        return text
+    box = [text]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync_file(path)  # a directory fd can be fsynced on POSIX; makes renames/creations durable
+
+
+def _model_sharded_state(model_chunks: list) -> dict:
+    # `chunk.module`: the DDP wrapper would prefix every key with "module."; the plain keys keep
+    # the model part loadable by megafork.models.qwen3.checkpoint and megatron tools.
+    modules = [getattr(c, "module", c) for c in model_chunks]
+    if len(modules) == 1:
+        return {"model": modules[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
+
+
+def _optimizer_has_state(optimizer) -> bool:
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return any(len(o.optimizer.state) > 0 for o in inner)
+
+
+def _rank_object(rank: int, world: int, payload: bytes | None):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("megafork.rank_state", payload, (world,), (rank,), replica_id=0)
+
+
+def _save_strategy(thread_count: int):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    # See the module docstring: a synchronous save only reads this queue in this process.
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=thread_count)
+
+
+def _remove_stale(root: Path, keep: set[str]) -> None:
+    for p in root.iterdir():
+        if _TMP_RE.match(p.name) and p.name not in keep:
+            logger.info("removing leftover %s (from an interrupted save or prune)", p)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _prune(root: Path, keep_last: int, protect: Path, nonce: str) -> None:
+    if keep_last <= 0:
+        return
+    complete = list_checkpoints(root)
+    for old in complete[:-keep_last]:
+        if old.resolve() == protect.resolve():
+            continue
+        doomed = old.with_name(f"{old.name}.deleting-{nonce}")
+        os.rename(old, doomed)  # atomic: the checkpoint name disappears at once
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer, scheduler, groups,
+                    extra: dict | None = None, rank_extra: object = None, keep_last: int = 3,
+                    thread_count: int = 2) -> Path:
+    """Atomically save model, optimizer, scheduler, RNGs and the loop's state. Call on every rank.
+
+    Args:
+        root: the run's checkpoints directory (`checkpoints_root(run_dir)`); created if needed.
+        step: RL steps completed (a resume continues with this step index).
+        model_chunks: the DDP-wrapped chunks (`[ddp]`); unwrapped modules work too.
+        optimizer: the megatron optimizer (None: model only).
+        scheduler: the `OptimizerParamScheduler` (None: not saved).
+        groups: `ParallelGroups`; its layout is recorded in the meta.
+        extra: picklable dict of the loop's state (data sampler position, counters, ...). Saved
+            once, by rank 0, so it must be equal on every rank (megatron warns when it is not).
+        rank_extra: picklable per-rank state (e.g. a rank's own `torch.Generator` state).
+        keep_last: keep this many newest checkpoints (0 = keep all); the new one always stays.
+        thread_count: writer processes per rank (megatron's `FileSystemWriterAsync` buckets).
+
+    Returns:
+        The final `root/step_N` path.
+    """
+    from megatron.core import dist_checkpointing
+
+    rng = capture_rng_state()  # first: nothing below may draw from an RNG before it is recorded
+    rank, world = _world()
+    root = Path(root)
+    final = root / step_dir_name(step)
+    nonce = _broadcast_str(uuid.uuid4().hex[:12] if rank == 0 else None)
+    tmp = root / f"{final.name}.tmp-{nonce}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(root, keep=set())
+        tmp.mkdir()
+    _barrier()
+
+    state = _model_sharded_state(model_chunks)
+    model_keys = sorted(state)
+    has_opt_state = optimizer is not None and _optimizer_has_state(optimizer)
+    if has_opt_state:
+        # Megatron's optimizer only knows params through the model's sharded dict (all chunks).
+        state["optimizer"] = optimizer.sharded_state_dict({k: state[k] for k in model_keys})
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    state["extra"] = pickle.dumps(extra or {})
+    state["rank_state"] = _rank_object(rank, world, pickle.dumps({"rng": rng, "rank_extra": rank_extra}))
+    t0 = time.perf_counter()
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(thread_count))
+    for f in tmp.glob(f"__{rank}_*"):
+        _fsync_file(f)
+    _barrier()
+
+    if rank == 0:
+        meta = {
+            "format_version": FORMAT_VERSION, "step": int(step), "world_size": world, "model_keys": model_keys,
+            "has_optimizer_state": has_opt_state, "has_scheduler": scheduler is not None,
+            "layout": _layout(groups),
+            "megatron_core": _megatron_version(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        for f in tmp.iterdir():
+            if f.is_file() and not f.name.startswith("__"):
+                _fsync_file(f)
+        meta_path = tmp / META_FILE
+        meta_path.write_text(json.dumps(meta, indent=2))
+        _fsync_file(meta_path)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old
+            old = root / f"{final.name}.replaced-{nonce}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        pointer_tmp = root / f"{LATEST_FILE}.tmp-{nonce}"
+        pointer_tmp.write_text(final.name + "\n")
+        _fsync_file(pointer_tmp)
+        os.replace(pointer_tmp, root / LATEST_FILE)
+        _fsync_dir(root)
+        _prune(root, keep_last, protect=final, nonce=nonce)
+        logger.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
+    _barrier()
+    return final
+
+
+def _layout(groups) -> dict:
+    return {"tp": groups.tp_size, "pp": groups.pp_size, "cp": groups.cp_size, "dp": groups.dp_size}
+
+
+def _megatron_version() -> str:
+    try:
+        from megatron.core.package_info import __version__
+    except ImportError:  # pragma: no cover - every supported version has it
+        return "unknown"
+    return __version__
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading.
+
+def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, groups,
+                    load_optimizer: bool = True) -> LoadedCheckpoint:
+    """Load a checkpoint into the model, optimizer and scheduler in place and restore every RNG.
+
+    The model may use another TP/PP layout than the saver (dist_checkpointing reshards); the RNG
+    states and `rank_extra` are then not restored (warning), so such a resume is not bit-exact.
+
+    Args:
+        path: a complete checkpoint directory (`resolve_resume`).
+        model_chunks: the DDP-wrapped chunks, built exactly as for training.
+        optimizer: the megatron optimizer (None, or `load_optimizer=False`: model only).
+        scheduler: the `OptimizerParamScheduler` (None: not restored).
+        groups: `ParallelGroups` of this rank.
+        load_optimizer: restore the optimizer state.
+
+    Returns:
+        `LoadedCheckpoint` with the step, `extra` and this rank's `rank_extra`.
+
+    Raises:
+        CheckpointError: not a complete megafork checkpoint, different model chunking, a schedule that
+            differs from this run's, or a model state that does not match.
+    """
+    from megatron.core import dist_checkpointing
+
+    p = Path(path)
+    meta = validate_checkpoint(p)
+    rank, world = _world()
+    state = _model_sharded_state(model_chunks)
+    model_keys = sorted(state)
+    if model_keys != meta["model_keys"]:
+        raise CheckpointError(f"checkpoint {p}: expected model chunks {meta['model_keys']} (as saved), found "
+                              f"{model_keys} in this run (virtual pipeline size differs)")
+    want_opt = load_optimizer and optimizer is not None and meta["has_optimizer_state"]
+    if want_opt:
+        state["optimizer"] = optimizer.sharded_state_dict({k: state[k] for k in model_keys}, is_loading=True)
+    layout = _layout(groups)
+    same_world = meta["world_size"] == world and meta.get("layout") == layout
+    if same_world:
+        state["rank_state"] = _rank_object(rank, world, None)
+    else:
+        logger.warning("checkpoint %s was saved by %d ranks with layout %s, this run has %d ranks with layout %s: "
+                       "RNG states and rank_extra are not restored, so this resume is not bit-exact",
+                       p, meta["world_size"], meta.get("layout"), world, layout)
+    loaded = dist_checkpointing.load(state, str(p))
+
+    for key, chunk in zip(model_keys, model_chunks, strict=True):
+        module = getattr(chunk, "module", chunk)
+        missing, unexpected = module.load_state_dict(loaded[key], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {p}: model state {key!r} does not match the model; missing "
+                                  f"{missing[:8]}, unexpected {list(unexpected)[:8]}")
+    if want_opt:
+        optimizer.load_state_dict(loaded["optimizer"])
+    elif load_optimizer and optimizer is not None:
+        logger.info("checkpoint %s holds no optimizer state (saved before the first step): optimizer starts fresh", p)
+    if scheduler is not None:
+        if "scheduler" not in loaded:
+            raise CheckpointError(f"checkpoint {p}: expected scheduler state, found none (saved without one)")
+        scheduler.num_steps = 0  # megatron's load_state_dict adds the saved count to the current one
+        try:
+            scheduler.load_state_dict(loaded["scheduler"])
+        except AssertionError as exc:
+            raise CheckpointError(f"checkpoint {p}: its LR schedule differs from this run's optim/train settings "
+                                  f"({exc}); resume with the same optim.* and train.steps") from exc
+    extra = pickle.loads(loaded["extra"])
+    rank_extra = None
+    if same_world:
+        rank_state = pickle.loads(loaded["rank_state"])
+        rank_extra = rank_state["rank_extra"]
+        restore_rng_state(rank_state["rng"])  # last: the loads above must not move any RNG after this
+    return LoadedCheckpoint(path=p, step=int(meta["step"]), extra=extra, rank_extra=rank_extra, meta=meta)

@@ -1,0 +1,210 @@
+"""megatron-core DDP, Adam and the LR/WD schedule, wired for megatron's per-token loss contract.
+
+    model = build_qwen3(hf, opts, groups)
+    enable_per_token_loss(model)                        # BEFORE wrap_ddp: DDP reads it
+    ddp = wrap_ddp(model, groups)
+    optimizer, scheduler = build_optimizer(cfg.optim, [ddp], total_steps=cfg.train.steps, groups=groups)
+    ...                                                 # forward_backward_func(model=[ddp], ...)
+    update_ok, grad_norm, _ = optimizer.step()
+    scheduler.step(1)                                   # once per RL step (see `build_optimizer`)
+
+Public API:
+    enable_per_token_loss(model_or_chunks) -> None
+    wrap_ddp(model, groups, *, disable_bucketing=False) -> DistributedDataParallel
+    build_optimizer(optim_cfg, model_chunks, total_steps, groups=None) -> (MegatronOptimizer, OptimizerParamScheduler)
+    configure_schedule(model_chunks, optimizer, groups=None) -> None   (called by build_optimizer)
+    current_lr(optimizer) -> float
+
+The per-token loss contract (megatron's `calculate_per_token_loss=True`): the loss_func given to
+`forward_backward_func` returns `(sum_of_token_losses, num_tokens, metrics)`. The schedule does not
+divide by the micro-batch count; `finalize_model_grads` all-reduces `num_tokens` summed over the
+micro-batches over DP x CP (broadcast from the last PP stage) and scales every gradient by
+1 / that total. DDP must then sum (not average) over DP, which it only does when the flag is set
+on the TransformerConfig *before* `DistributedDataParallel` is built - hence `enable_per_token_loss`
+and the check in `wrap_ddp`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_DECAY_STYLES = {"constant": "constant", "cosine": "cosine", "linear": "linear"}
+
+
+def _model_config(model):
+    from megatron.core.utils import get_model_config
+
+    return get_model_config(model)
+
+
+def enable_per_token_loss(model_or_chunks) -> None:
+    """Switch the model's TransformerConfig to megatron's per-token loss normalisation.
+
+    The config object is shared by every submodule, so setting the field on it is enough. It must
+    happen before `wrap_ddp`: megatron DDP fixes its gradient scaling (1.0 instead of 1/dp) when it
+    is built.
+
+    Args:
+        model_or_chunks: the unwrapped model (megatron module) or a list of model chunks.
+    """
+    chunks = model_or_chunks if isinstance(model_or_chunks, list | tuple) else [model_or_chunks]
+    for chunk in chunks:
+        _model_config(chunk).calculate_per_token_loss = True
+
+
+def wrap_ddp(model, groups, *, disable_bucketing: bool = False):
+    """Wrap one model chunk in megatron-core `DistributedDataParallel`.
+
+    The DDP config is fixed: fp32 gradient accumulation and reduction (`grad_reduce_in_fp32`), no
+    overlap (the RL update is a few mini-batches; overlap buys nothing on gloo), no distributed
+    optimizer. With `calculate_per_token_loss=True` on the model config DDP sums gradients over DP
+    and `finalize_model_grads` divides by the global token count.
+
+    Args:
+        model: this rank's model chunk (e.g. `build_qwen3(...)`), already on its device.
+        groups: `megafork.distributed.ParallelGroups` (its `pg_collection` is passed to DDP).
+        disable_bucketing: put every parameter in one bucket (megatron does this for virtual
+            pipeline chunks after the first).
+
+    Returns:
+        The `DistributedDataParallel` module; `ddp.module` is the model.
+
+    Raises:
+        ValueError: if the model config lacks `calculate_per_token_loss=True` (call
+            `enable_per_token_loss` first; the loss contract of megafork's loop needs it).
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    config = _model_config(model)
+    if not config.calculate_per_token_loss:
+        raise ValueError("wrap_ddp: expected the model's TransformerConfig to have calculate_per_token_loss=True "
+                         "(megafork's loss returns (sum, num_tokens, metrics)), found False; call "
+                         "megafork.train.optim.enable_per_token_loss(model) before wrapping")
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    return DistributedDataParallel(config, ddp_config, model, disable_bucketing=disable_bucketing,
+                                   pg_collection=groups.pg_collection)
+
+
+def _optimizer_config(optim_cfg, model_config):
+    from megatron.core.optimizer import OptimizerConfig
+
+    dtype = model_config.params_dtype
+    return OptimizerConfig(
+        optimizer="adam",
+        lr=optim_cfg.lr,
+        min_lr=optim_cfg.min_lr,
+        weight_decay=optim_cfg.weight_decay,
+        adam_beta1=optim_cfg.adam_beta1,
+        adam_beta2=optim_cfg.adam_beta2,
+        adam_eps=optim_cfg.adam_eps,
+        # megatron skips clipping at 0 (clip_grad > 0 check) - the config's "0 disables".
+        clip_grad=optim_cfg.grad_clip,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        # megatron's default: dynamic loss scaling for fp16 (initial 2^32), none for bf16/fp32.
+        use_distributed_optimizer=False,
+    )
+
+
+def build_optimizer(optim_cfg, model_chunks: list, total_steps: int, groups=None):
+    """Adam (megatron-core `get_megatron_optimizer`) plus `OptimizerParamScheduler`.
+
+    Mixed precision follows the model: bf16/fp16 parameters get fp32 main parameters inside the
+    optimizer (fp16 also gets megatron's dynamic loss scaler); fp32 models use the plain fp32
+    optimizer. Weight decay is decoupled (AdamW) and, as in megatron, not applied to 1-D
+    parameters (norm weights) or biases.
+
+    The schedule counts RL steps: call `scheduler.step(1)` once after each RL step (after all its
+    mini-batch `optimizer.step()`s). Step s (0-based) trains at
+    `lr * min(1, s / warmup_steps)` during warm-up (megatron's and verl's convention: step 0 uses
+    lr 0 when warmup_steps > 0), then `constant`, `cosine` or `linear` decay to `min_lr` at
+    `total_steps`. Weight decay is constant at `optim_cfg.weight_decay`.
+
+    Also calls `configure_schedule`, so `forward_backward_func` finalises and scales gradients.
+
+    Args:
+        optim_cfg: `megafork.train.config.OptimConfig`.
+        model_chunks: the DDP-wrapped model chunks (`[wrap_ddp(model, groups)]`).
+        total_steps: RL steps of the run (`cfg.train.steps`); the decay ends there.
+        groups: `ParallelGroups`; its `pg_collection` gives the optimizer its DP and model-parallel
+            groups (for the grad-norm all-reduce). None uses megatron's global parallel state.
+
+    Returns:
+        (optimizer, scheduler): a megatron `MegatronOptimizer` and `OptimizerParamScheduler`.
+
+    Raises:
+        ValueError: `optim.warmup_steps` not below `total_steps`, `total_steps` < 1, or a
+            bf16/fp16 model on a CPU-only torch (megatron's fp16 optimizer is CUDA-only).
+    """
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    if total_steps < 1:
+        raise ValueError(f"train.steps: expected >= 1 for the LR schedule, found {total_steps}")
+    if optim_cfg.warmup_steps >= total_steps:
+        raise ValueError(f"optim.warmup_steps: expected < train.steps={total_steps} (the warm-up must end "
+                         f"before the schedule does), found {optim_cfg.warmup_steps}")
+    if not model_chunks or not all(hasattr(c, "ddp_config") for c in model_chunks):
+        raise ValueError("build_optimizer: expected a non-empty list of DDP-wrapped chunks (wrap_ddp), "
+                         f"found {[type(c).__name__ for c in model_chunks]}")
+    model_config = _model_config(model_chunks[0])
+    if model_config.params_dtype != torch.float32 and not torch.cuda.is_available():
+        # Float16OptimizerWithFloat16Params accepts only torch.cuda.{Half,BFloat16}Tensor params.
+        raise ValueError(f"model.dtype: megatron's mixed-precision optimizer needs CUDA tensors; expected "
+                         f"float32 on a CPU-only torch, found {model_config.params_dtype}")
+    config = _optimizer_config(optim_cfg, model_config)
+    pgc = None if groups is None else groups.pg_collection
+    # With an explicit collection megatron refuses gloo side-groups; the non-distributed
+    # optimizer does not need them.
+    optimizer = get_megatron_optimizer(config, list(model_chunks), pg_collection=pgc,
+                                       use_gloo_process_groups=pgc is None)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=optim_cfg.lr,
+        min_lr=optim_cfg.min_lr,
+        lr_warmup_steps=optim_cfg.warmup_steps,
+        lr_decay_steps=total_steps,
+        lr_decay_style=_DECAY_STYLES[optim_cfg.schedule],
+        start_wd=optim_cfg.weight_decay,
+        end_wd=optim_cfg.weight_decay,
+        wd_incr_steps=total_steps,
+        wd_incr_style="constant",
+        # On resume the checkpoint's schedule must equal this run's (a changed lr/steps is an
+        # error from megatron's _check_and_set, not silently taken from either side).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=False,
+    )
+    configure_schedule(model_chunks, optimizer, groups)
+    return optimizer, scheduler
+
+
+def configure_schedule(model_chunks: list, optimizer, groups=None) -> None:
+    """Set what megatron's `forward_backward_func` reads from the TransformerConfig.
+
+    - `finalize_model_grads_func`: megatron's `finalize_model_grads` bound to the groups: DP
+      all-reduce of the grad buffers, tied-embedding and non-TP grads, then the 1/num_tokens scale.
+    - `no_sync_func`: DDP's `no_sync` (one per chunk), so only the last micro-batch reduces.
+    - `grad_scale_func`: the fp16 loss scaler's `scale_loss` (fp16 only; None otherwise).
+
+    Args:
+        model_chunks: the DDP-wrapped chunks.
+        optimizer: the megatron optimizer of these chunks.
+        groups: `ParallelGroups` (None: megatron's global parallel state).
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    config = _model_config(model_chunks[0])
+    pgc = None if groups is None else groups.pg_collection
+    config.finalize_model_grads_func = functools.partial(finalize_model_grads, pg_collection=pgc)
+    no_sync = [c.no_sync for c in model_chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.grad_scale_func = optimizer.scale_loss if config.fp16 else None
+
+
+def current_lr(optimizer) -> float:
+    """The learning rate the next `optimizer.step()` uses (first parameter group)."""
+    return float(optimizer.param_groups[0]["lr"])
