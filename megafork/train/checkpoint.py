@@ -54,10 +54,11 @@ engine) must travel in `extra`/`rank_extra`. The RNG states are restored only wh
 and the TP/PP/CP/DP layout equal the saved ones (otherwise ranks do not correspond; a warning says so).
 
 dist_checkpointing writes each rank's shards in forked writer processes (megatron's
-`FileSystemWriterAsync`, `thread_count` of them). Its result queue would be created through a
-*spawn*-context Manager, a process that re-imports `__main__` (seconds per process, and a hazard for
-scripts without an `if __name__ == "__main__":` guard); the queue is only read by the saving
-process in a synchronous save, so `_save_strategy` gives megatron a plain `queue.Queue` instead.
+`FileSystemWriterAsync`, `thread_count` of them; on a CPU-only torch `megafork.compat` writes them
+in-process instead). Its result queue would be created through a *spawn*-context Manager, a
+process that re-imports `__main__` (seconds per process, and a hazard for scripts without an
+`if __name__ == "__main__":` guard); the queue is only read by the saving process in a synchronous
+save, so `_save_strategy` gives megatron a plain `queue.Queue` instead.
 """
 from __future__ import annotations
 

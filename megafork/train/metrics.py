@@ -1,0 +1,247 @@
+"""Per-step metrics: `metrics.jsonl`, TensorBoard events, a progress bar, and the forking-option check.
+
+    timer = Timer()
+    log = MetricsLogger(cfg.log.run_dir, cfg.log, total_steps=cfg.train.steps, start_step=resumed_step,
+                        forking=cfg.forking)
+    for step in range(resumed_step, cfg.train.steps):
+        with timer("rollout"):
+            ...
+        log.log(step, {"reward_mean": r, "accuracy": a, "entropy_p80": h80, "selected_fraction": f,
+                       "tokens_per_second": tps, **timer.pop()})
+    log.close()
+
+Public API:
+    MetricsLogger(run_dir, log_cfg, total_steps, start_step=0, forking=None, enabled=None)
+        .log(step, metrics) -> dict      the row written ({"step": step, **metrics}, plain floats/ints)
+        .close()
+    Timer()
+        __call__(phase) -> context manager adding wall seconds to "seconds_<phase>"
+        .pop() -> dict[str, float]       the accumulated {"seconds_<phase>": s} (and reset)
+    check_selected_fraction(fraction, forking, step=None) -> bool   (False + warning when off)
+
+Keys follow `megafork.analysis.io.METRIC_KEYS` (so `megafork analyze` plots the run); other keys are
+written too. `run_dir/metrics.jsonl` gets one JSON object per step, appended and flushed. Resuming at
+`start_step` first rewrites the file without the lines of steps >= start_step (written by the
+interrupted run after its last checkpoint), so no step appears twice; TensorBoard gets
+`purge_step=start_step` for the same reason. TensorBoard event files are written in `run_dir`
+itself, so `tensorboard --logdir runs/` lists one run per directory.
+
+Only one process logs: `enabled` defaults to global rank 0. On the other ranks every method is a
+no-op, so the loop calls them unconditionally.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import numbers
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megafork.analysis.io import METRIC_ACCURACY, METRIC_KEYS, METRIC_REWARD
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+FRACTION_TOLERANCE = 0.05  # 5 points: the issue's "option is live" bound
+# (metric key, progress-bar label, format)
+_BAR_FIELDS = ((METRIC_REWARD, "reward", "{:.3f}"), (METRIC_ACCURACY, "acc", "{:.3f}"),
+               ("entropy_p80", "H80", "{:.3f}"), ("selected_fraction", "sel", "{:.3f}"),
+               ("tokens_per_second", "tok/s", "{:.0f}"))
+
+
+def _plain(key: str, value):
+    """JSON-ready scalar: python bool/int/float/str; 0-d tensors and numpy scalars are unwrapped."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {key!r}: expected a scalar, found a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if hasattr(value, "item") and not isinstance(value, bool | int | float | str):  # numpy scalar
+        value = value.item()
+    if isinstance(value, bool | str) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise ValueError(f"metric {key!r}: expected a number, bool or string, found {type(value).__name__}")
+
+
+def check_selected_fraction(fraction: float, forking, step: int | None = None) -> bool:
+    """Warn when the selected fraction is more than 5 points from `forking.ratio` (mode != "all").
+
+    This is how a run proves the forking option is live: a silently ignored ratio shows up as a
+    fraction near 1.
+
+    Args:
+        fraction: selected tokens / response tokens of the step.
+        forking: `megafork.train.config.ForkingConfig` (ratio, mode).
+        step: for the message.
+
+    Returns:
+        True when the fraction is within tolerance (or mode is "all"), False after warning.
+    """
+    if forking.mode == "all":
+        return True
+    if abs(fraction - forking.ratio) <= FRACTION_TOLERANCE:
+        return True
+    where = "" if step is None else f"step {step}: "
+    logger.warning("%sselected fraction %.4f differs from forking.ratio %.4f by more than %.2f (forking.mode=%r); "
+                   "the forking option may not be reaching the loss", where, fraction, forking.ratio,
+                   FRACTION_TOLERANCE, forking.mode)
+    return False
+
+
+def truncate_metrics(path: str | Path, start_step: int) -> int:
+    """Rewrite a metrics.jsonl keeping only the lines with step < start_step (atomic replace).
+
+    A trailing line cut off by a kill is dropped. Returns the number of lines removed.
+
+    Args:
+        path: the metrics.jsonl file (nothing happens if it does not exist).
+        start_step: the first step the resumed run will log.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return 0
+    kept, dropped = [], 0
+    for lineno, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row["step"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s:line %d: unreadable metrics line dropped on resume: %r", p, lineno, line[:80])
+            dropped += 1
+            continue
+        if isinstance(step, int) and step < start_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, p)
+    return dropped
+
+
+class MetricsLogger:
+    """Rank-0 writer of one metrics row per step (see the module docstring).
+
+    Args:
+        run_dir: the run directory (`cfg.log.run_dir`); created if needed.
+        log_cfg: `megafork.train.config.LogConfig` (tensorboard, progress_bar).
+        total_steps: steps of the whole run (progress bar total, ETA).
+        start_step: first step this process logs (> 0 when resuming: later lines are removed).
+        forking: `ForkingConfig` for the selected-fraction check (None: no check).
+        enabled: log from this process; default: global rank 0 (or the only process).
+    """
+
+    def __init__(self, run_dir: str | Path, log_cfg, total_steps: int, start_step: int = 0, forking=None,
+                 enabled: bool | None = None):
+        if enabled is None:
+            enabled = not dist.is_initialized() or dist.get_rank() == 0
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.forking = forking
+        self.total_steps = total_steps
+        self.path = self.run_dir / METRICS_FILE
+        self._file = self._tb = self._bar = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        removed = truncate_metrics(self.path, start_step)
+        if removed:
+            logger.info("%s: removed %d lines of steps >= %d (logged after the checkpoint resumed from)",
+                        self.path, removed, start_step)
+        self._file = open(self.path, "a")  # noqa: SIM115 - lives as long as the logger
+        if log_cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir), purge_step=start_step if start_step > 0 else None)
+        if log_cfg.progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict) -> dict:
+        """Write the step's row: one JSON line (flushed), TensorBoard scalars, the progress bar.
+
+        Args:
+            step: the step index (0-based, the same numbering checkpoints use).
+            metrics: key -> number (python, numpy or 0-d tensor), bool or string.
+
+        Returns:
+            The row as written (empty dict on ranks that do not log).
+        """
+        if not self.enabled:
+            return {}
+        if "step" in metrics and metrics["step"] != step:
+            raise ValueError(f"metrics['step']={metrics['step']!r} disagrees with step={step}")
+        row = {"step": int(step)}
+        row.update({k: _plain(k, v) for k, v in metrics.items() if k != "step"})
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, global_step=step)
+            self._tb.flush()
+        if self.forking is not None and isinstance(row.get("selected_fraction"), float | int):
+            check_selected_fraction(row["selected_fraction"], self.forking, step)
+        if self._bar is not None:
+            shown = {label: fmt.format(row[key]) for key, label, fmt in _BAR_FIELDS
+                     if isinstance(row.get(key), int | float) and math.isfinite(row[key])}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(1)
+        return row
+
+    def close(self) -> None:
+        """Flush and close the file, the TensorBoard writer and the progress bar."""
+        for thing in (self._file, self._tb, self._bar):
+            if thing is not None:
+                thing.close()
+        self._file = self._tb = self._bar = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Timer:
+    """Wall-clock seconds per phase, summed until `pop()`; keys are "seconds_<phase>".
+
+    With CUDA, the device is synchronised at both ends so queued kernels count in their phase.
+    """
+
+    def __init__(self):
+        self._seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+            key = f"seconds_{phase}"
+            self._seconds[key] = self._seconds.get(key, 0.0) + time.perf_counter() - t0
+
+    def pop(self) -> dict[str, float]:
+        """The accumulated seconds per phase, then reset."""
+        out, self._seconds = self._seconds, {}
+        return out
+
+
+__all__ = ["METRIC_KEYS", "MetricsLogger", "Timer", "check_selected_fraction", "truncate_metrics"]
