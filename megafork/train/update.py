@@ -20,10 +20,16 @@ def run_schedule(model_chunks, forward_step, microbatches: list[MicroBatch], for
 
     fb = get_forward_backward_func(pp_size=groups.pp_size)
     seq = max(mb.tokens.shape[1] for mb in microbatches)
+    kwargs = {}
+    if groups.pp_size > 1:  # with explicit groups, the pipelined schedules want their p2p communicator too
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+        from megatron.core.utils import get_model_config
+
+        kwargs["p2p_communicator"] = P2PCommunicator(groups.pg_collection.pp, get_model_config(model_chunks[0]))
     return fb(forward_step_func=forward_step, data_iterator=iter(microbatches), model=model_chunks,
               num_microbatches=len(microbatches), seq_length=seq,
               micro_batch_size=microbatches[0].tokens.shape[0], forward_only=forward_only,
-              pg_collection=groups.pg_collection)
+              pg_collection=groups.pg_collection, **kwargs)
 
 
 def old_pass(model_chunks, microbatches: list[MicroBatch], groups, vocab_size: int, temperature: float,
@@ -57,7 +63,7 @@ def select(microbatches: list[MicroBatch], forking_cfg, minibatches: list[list[i
     if not groups.is_last_stage:
         return float("nan")
     scope, ratio, mode = forking_cfg.scope, forking_cfg.ratio, forking_cfg.mode
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed) if mode == "random" else None
     if scope == "local":
         return float("nan")  # selected in the training pass (PolicyLossConfig.local_ratio)
     spans = {"step": [list(range(len(microbatches)))], "minibatch": minibatches,
