@@ -10,6 +10,8 @@
                     extra={"data": sampler.state_dict()}, keep_last=3)
 
 Public API:
+    resume(cfg, run, run_dir) -> (steps_completed, extra)        the loop's call (restores run.sampler too)
+    save(run, run_dir, step, extra=None, keep_last=None) -> Path  the loop's call (adds run.sampler state)
     checkpoints_root(run_dir) -> Path
     save_checkpoint(root, step, model_chunks, optimizer, scheduler, groups, extra=None, rank_extra=None,
                     keep_last=3) -> Path                          (call on every rank)
@@ -375,7 +377,8 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer, 
         extra: picklable dict of the loop's state (data sampler position, counters, ...). Saved
             once, by rank 0, so it must be equal on every rank (megatron warns when it is not).
         rank_extra: picklable per-rank state (e.g. a rank's own `torch.Generator` state).
-        keep_last: keep this many newest checkpoints (0 = keep all); the new one always stays.
+        keep_last: keep this many newest checkpoints (0 = keep all; default 3: a 32B run's
+            checkpoint with Adam state is ~0.4 TB); the new one always stays.
         thread_count: writer processes per rank (megatron's `FileSystemWriterAsync` buckets).
 
     Returns:
@@ -530,3 +533,57 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, 
         rank_extra = rank_state["rank_extra"]
         restore_rng_state(rank_state["rng"])  # last: the loads above must not move any RNG after this
     return LoadedCheckpoint(path=p, step=int(meta["step"]), extra=extra, rank_extra=rank_extra, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop's two calls.
+
+DEFAULT_KEEP_LAST = 3
+
+
+def resume(cfg, run, run_dir: str | Path) -> tuple[int, dict]:
+    """Apply `cfg.train.resume` to a built run: load the checkpoint (if any) into it.
+
+    Restores model, optimizer, scheduler, every RNG and `run.sampler` (from `extra["data"]`).
+
+    Args:
+        cfg: the run `Config` (`train.resume`).
+        run: an object with `.model` (DDP chunks), `.optimizer`, `.scheduler`, `.groups` and
+            `.sampler` (`megafork.train.setup.Run`).
+        run_dir: the run directory; checkpoints live in `run_dir/checkpoints`.
+
+    Returns:
+        (steps completed, the rest of `extra`): (0, {}) for a fresh start.
+
+    Raises:
+        CheckpointError: an explicit `train.resume` path that is unusable (named in the message).
+    """
+    path = resolve_resume(cfg.train.resume, checkpoints_root(run_dir))
+    if path is None:
+        return 0, {}
+    loaded = load_checkpoint(path, run.model, run.optimizer, run.scheduler, run.groups)
+    extra = dict(loaded.extra)
+    if "data" not in extra:
+        raise CheckpointError(f"checkpoint {path}: expected the data sampler state in extra['data'], found keys "
+                              f"{sorted(extra)}")
+    run.sampler.load_state_dict(extra.pop("data"))
+    logger.info("resumed from %s (%d steps completed)", path, loaded.step)
+    return loaded.step, extra
+
+
+def save(run, run_dir: str | Path, step: int, extra: dict | None = None, keep_last: int | None = None) -> Path:
+    """Save a run after `step` completed steps (adds `run.sampler`'s state as `extra["data"]`).
+
+    Args:
+        run: as for `resume`.
+        run_dir: the run directory.
+        step: RL steps completed.
+        extra: more loop state (picklable, equal on all ranks).
+        keep_last: checkpoints to keep; default `cfg.train.keep_last` when the config has that
+            field, else 3 (0 keeps all).
+    """
+    if keep_last is None:
+        keep_last = getattr(run.cfg.train, "keep_last", DEFAULT_KEEP_LAST)
+    state = {**(extra or {}), "data": run.sampler.state_dict()}
+    return save_checkpoint(checkpoints_root(run_dir), step, run.model, run.optimizer, run.scheduler, run.groups,
+                           extra=state, keep_last=keep_last)

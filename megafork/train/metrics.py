@@ -1,33 +1,41 @@
 """Per-step metrics: `metrics.jsonl`, TensorBoard events, a progress bar, and the forking-option check.
 
-    timer = Timer()
-    log = MetricsLogger(cfg.log.run_dir, cfg.log, total_steps=cfg.train.steps, start_step=resumed_step,
-                        forking=cfg.forking)
-    for step in range(resumed_step, cfg.train.steps):
+    log = MetricsLogger(cfg.log.run_dir, cfg, start_step=steps_done)   # steps_done: from the checkpoint
+    for step in range(steps_done, cfg.train.steps):                   # 0-based loop index
+        timer = Timer()
         with timer("rollout"):
             ...
         log.log(step, {"reward_mean": r, "accuracy": a, "entropy_p80": h80, "selected_fraction": f,
-                       "tokens_per_second": tps, **timer.pop()})
+                       "tokens_per_second": tps, **timer.as_metrics()})
     log.close()
 
 Public API:
-    MetricsLogger(run_dir, log_cfg, total_steps, start_step=0, forking=None, enabled=None)
-        .log(step, metrics) -> dict      the row written ({"step": step, **metrics}, plain floats/ints)
+    MetricsLogger(run_dir, cfg, total_steps=None, start_step=0, forking=None, enabled=None)
+        cfg: the run `Config` (total_steps and forking default to cfg.train.steps and cfg.forking)
+             or just its `LogConfig` (then pass total_steps, and forking for the check)
+        .log(step, metrics) -> dict      writes the row {"step": step + 1, **metrics}
         .close()
     Timer()
-        __call__(phase) -> context manager adding wall seconds to "seconds_<phase>"
-        .pop() -> dict[str, float]       the accumulated {"seconds_<phase>": s} (and reset)
+        __call__(phase) -> context manager adding wall seconds to the phase
+        .seconds -> dict[str, float]     {phase: seconds}
+        .as_metrics() -> dict[str, float]  {"seconds_<phase>": seconds}
     check_selected_fraction(fraction, forking, step=None) -> bool   (False + warning when off)
+    truncate_metrics(path, start_step) -> int
+
+Step numbering: a row's "step" is the number of RL steps completed after it (1-based), the same
+number a checkpoint saved right after that step carries (`step_0000002` follows row 2). `log` takes
+the 0-based loop index and writes `step + 1`; a "step" entry in `metrics` must agree with that.
+Resuming from a checkpoint of N completed steps (`start_step=N`) first rewrites metrics.jsonl
+without the rows with step > N (written by the interrupted run after that checkpoint), so no step
+appears twice; TensorBoard gets `purge_step=N + 1` for the same reason.
 
 Keys follow `megafork.analysis.io.METRIC_KEYS` (so `megafork analyze` plots the run); other keys are
-written too. `run_dir/metrics.jsonl` gets one JSON object per step, appended and flushed. Resuming at
-`start_step` first rewrites the file without the lines of steps >= start_step (written by the
-interrupted run after its last checkpoint), so no step appears twice; TensorBoard gets
-`purge_step=start_step` for the same reason. TensorBoard event files are written in `run_dir`
-itself, so `tensorboard --logdir runs/` lists one run per directory.
+written too. `run_dir/metrics.jsonl` gets one JSON object per step, appended and flushed. TensorBoard
+event files are written in `run_dir` itself, so `tensorboard --logdir runs/` lists one run per
+directory, one scalar per numeric key.
 
 Only one process logs: `enabled` defaults to global rank 0. On the other ranks every method is a
-no-op, so the loop calls them unconditionally.
+no-op, so the loop may call them unconditionally.
 """
 from __future__ import annotations
 
@@ -98,13 +106,13 @@ def check_selected_fraction(fraction: float, forking, step: int | None = None) -
 
 
 def truncate_metrics(path: str | Path, start_step: int) -> int:
-    """Rewrite a metrics.jsonl keeping only the lines with step < start_step (atomic replace).
+    """Rewrite a metrics.jsonl keeping only the rows with step <= start_step (atomic replace).
 
     A trailing line cut off by a kill is dropped. Returns the number of lines removed.
 
     Args:
         path: the metrics.jsonl file (nothing happens if it does not exist).
-        start_step: the first step the resumed run will log.
+        start_step: steps completed by the checkpoint the run resumes from.
     """
     p = Path(path)
     if not p.is_file():
@@ -120,7 +128,7 @@ def truncate_metrics(path: str | Path, start_step: int) -> int:
             logger.warning("%s:line %d: unreadable metrics line dropped on resume: %r", p, lineno, line[:80])
             dropped += 1
             continue
-        if isinstance(step, int) and step < start_step:
+        if isinstance(step, int) and step <= start_step:
             kept.append(line)
         else:
             dropped += 1
@@ -135,15 +143,24 @@ class MetricsLogger:
 
     Args:
         run_dir: the run directory (`cfg.log.run_dir`); created if needed.
-        log_cfg: `megafork.train.config.LogConfig` (tensorboard, progress_bar).
-        total_steps: steps of the whole run (progress bar total, ETA).
-        start_step: first step this process logs (> 0 when resuming: later lines are removed).
-        forking: `ForkingConfig` for the selected-fraction check (None: no check).
+        cfg: the run `Config`, or its `LogConfig` (tensorboard, progress_bar).
+        total_steps: steps of the whole run (progress bar total, ETA); default `cfg.train.steps`.
+        start_step: steps completed by the checkpoint resumed from (0 = fresh; rows after it are
+            removed).
+        forking: `ForkingConfig` for the selected-fraction check; default `cfg.forking` (None
+            with a bare LogConfig: no check).
         enabled: log from this process; default: global rank 0 (or the only process).
     """
 
-    def __init__(self, run_dir: str | Path, log_cfg, total_steps: int, start_step: int = 0, forking=None,
-                 enabled: bool | None = None):
+    def __init__(self, run_dir: str | Path, cfg, total_steps: int | None = None, start_step: int = 0,
+                 forking=None, enabled: bool | None = None):
+        log_cfg = getattr(cfg, "log", cfg)
+        if total_steps is None:
+            if not hasattr(cfg, "train"):
+                raise ValueError("MetricsLogger: total_steps is required when cfg is a LogConfig")
+            total_steps = cfg.train.steps
+        if forking is None:
+            forking = getattr(cfg, "forking", None)
         if enabled is None:
             enabled = not dist.is_initialized() or dist.get_rank() == 0
         self.enabled = enabled
@@ -163,7 +180,7 @@ class MetricsLogger:
         if log_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir), purge_step=start_step if start_step > 0 else None)
+            self._tb = SummaryWriter(str(self.run_dir), purge_step=start_step + 1 if start_step > 0 else None)
         if log_cfg.progress_bar:
             from tqdm import tqdm
 
@@ -173,7 +190,7 @@ class MetricsLogger:
         """Write the step's row: one JSON line (flushed), TensorBoard scalars, the progress bar.
 
         Args:
-            step: the step index (0-based, the same numbering checkpoints use).
+            step: the 0-based index of the step just finished; the row gets "step": step + 1.
             metrics: key -> number (python, numpy or 0-d tensor), bool or string.
 
         Returns:
@@ -181,19 +198,21 @@ class MetricsLogger:
         """
         if not self.enabled:
             return {}
-        if "step" in metrics and metrics["step"] != step:
-            raise ValueError(f"metrics['step']={metrics['step']!r} disagrees with step={step}")
-        row = {"step": int(step)}
+        done = int(step) + 1
+        if "step" in metrics and metrics["step"] != done:
+            raise ValueError(f"metrics['step'] = {metrics['step']!r}: expected step + 1 = {done} (rows count steps "
+                             f"completed), found a different value")
+        row = {"step": done}
         row.update({k: _plain(k, v) for k, v in metrics.items() if k != "step"})
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, global_step=step)
+                    self._tb.add_scalar(key, value, global_step=done)
             self._tb.flush()
         if self.forking is not None and isinstance(row.get("selected_fraction"), float | int):
-            check_selected_fraction(row["selected_fraction"], self.forking, step)
+            check_selected_fraction(row["selected_fraction"], self.forking, done)
         if self._bar is not None:
             shown = {label: fmt.format(row[key]) for key, label, fmt in _BAR_FIELDS
                      if isinstance(row.get(key), int | float) and math.isfinite(row[key])}
@@ -216,7 +235,7 @@ class MetricsLogger:
 
 
 class Timer:
-    """Wall-clock seconds per phase, summed until `pop()`; keys are "seconds_<phase>".
+    """Wall-clock seconds per phase (summed when a phase is entered more than once).
 
     With CUDA, the device is synchronised at both ends so queued kernels count in their phase.
     """
@@ -235,13 +254,16 @@ class Timer:
         finally:
             if cuda:
                 torch.cuda.synchronize()
-            key = f"seconds_{phase}"
-            self._seconds[key] = self._seconds.get(key, 0.0) + time.perf_counter() - t0
+            self._seconds[phase] = self._seconds.get(phase, 0.0) + time.perf_counter() - t0
 
-    def pop(self) -> dict[str, float]:
-        """The accumulated seconds per phase, then reset."""
-        out, self._seconds = self._seconds, {}
-        return out
+    @property
+    def seconds(self) -> dict[str, float]:
+        """{phase: seconds} so far."""
+        return dict(self._seconds)
+
+    def as_metrics(self) -> dict[str, float]:
+        """{"seconds_<phase>": seconds}: the metric keys of `megafork.analysis.io.METRIC_KEYS`."""
+        return {f"seconds_{k}": v for k, v in self._seconds.items()}
 
 
 __all__ = ["METRIC_KEYS", "MetricsLogger", "Timer", "check_selected_fraction", "truncate_metrics"]
