@@ -207,8 +207,8 @@ def export_hf_tensors(
     Ranks of other DP/CP replicas return immediately without communicating.
 
     The tied LM head is not yielded (HF stores it as model.embed_tokens.weight). Yielded tensors
-    are contiguous, in the parameters' dtype, on `groups.device`, and may be reused after the
-    next step of the iterator only by the consumer (each is a fresh tensor).
+    are contiguous, in the parameters' dtype, on `groups.device`, and are fresh copies: they never
+    alias the parameter, so they stay valid after the model changes.
 
     Args:
         model: a `Qwen3GPTModel` stage.
@@ -260,7 +260,8 @@ def export_hf_tensors(
 def _gather_merge(rule, local, global_layer, hf, shard, groups):
     """Gather a parameter's TP shards onto TP rank 0 and merge them; None on other TP ranks."""
     if groups.tp_size == 1:
-        return merge_shards(rule, global_layer, hf, [shard.detach()])
+        # A copy: merged tensors may be views of the parameter (or grad), which keeps changing.
+        return merge_shards(rule, global_layer, hf, [shard.detach().clone()])
     if rule.kind == "replicate":
         return merge_shards(rule, global_layer, hf, [shard.detach().clone()]) if groups.tp_rank == 0 else None
     shard = shard.detach().contiguous()
