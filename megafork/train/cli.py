@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines are per-bucket/per-config dumps
     if rank == 0:
         cfg.log.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_resolved(cfg.log.run_dir / "config.yaml")

@@ -36,8 +36,8 @@ def train(cfg) -> dict:
     run = build_run(cfg, groups)
     run_dir = cfg.log.run_dir
     start, extra = checkpoint.resume(cfg, run, run_dir)
-    logger = MetricsLogger(run_dir, cfg, start_step=start) if groups.rank == 0 else None
     summary = extra.get("summary", {"initial_accuracy": None, "final_accuracy": None})
+    logger = MetricsLogger(run_dir, cfg, start_step=start)
     if start == 0 and run.eval_dataset is not None:
         summary["initial_accuracy"] = _eval(run, step=0)
 
@@ -65,18 +65,16 @@ def train(cfg) -> dict:
             dump_entropy(run, run_dir, step, mbs, threshold)
         if run.eval_dataset is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0:
             metrics["eval_accuracy"] = summary["final_accuracy"] = _eval(run, step + 1)
-        if logger is not None:
-            logger.log(step, metrics)
+        logger.log(step + 1, metrics)  # rows count steps completed, like checkpoints
         if _due(cfg.train.save_every, step, cfg.train.steps):
-            summary["steps"] = step + 1
             checkpoint.save(run, run_dir, step + 1, {"summary": summary})
 
     if run.eval_dataset is not None and (summary["final_accuracy"] is None or cfg.eval.every == 0
                                           or cfg.train.steps % cfg.eval.every):
         summary["final_accuracy"] = _eval(run, cfg.train.steps)
     summary.update(steps=cfg.train.steps, wall_seconds=time.perf_counter() - t_start)
+    logger.close()
     if groups.rank == 0:
-        logger.close()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

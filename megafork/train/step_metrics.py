@@ -33,16 +33,15 @@ def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, time
         token_stats = _token_stats(mbs, sums, g)
     token_stats = broadcast_from(token_stats, src=reporter_rank(g))
     lr = float(run.optimizer.param_groups[0]["lr"])
-    seconds = timer.seconds
+    seconds = timer.as_metrics()
     total_s = sum(seconds.values()) or math.nan
     m = {
-        "step": step + 1,
         "reward_mean": rstats.reward_mean, "accuracy": rstats.accuracy,
         "response_len_mean": rstats.response_len_mean, "truncated_fraction": rstats.truncated_fraction,
         "groups_kept": rstats.groups_kept, "groups_short": rstats.groups_short,
         "sampling_rounds": rstats.rounds, "lr": lr, "entropy_threshold": threshold,
         **token_stats,
-        **{f"seconds_{k}": v for k, v in seconds.items()},
+        **seconds,
     }
     m["tokens_per_second"] = token_stats.get("tokens", 0.0) / total_s if total_s == total_s else math.nan
     return m
