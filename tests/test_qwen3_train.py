@@ -57,7 +57,7 @@ def _train_worker(rank, world, hf_dir):
         ddp.zero_grad_buffer()
         opt.zero_grad()
 
-        def step(data_iterator, m):
+        def step(data_iterator, m, tp_rank=groups.tp_rank, vocab=model.vocab_size_unpadded):
             ids = next(data_iterator)
             labels = torch.roll(ids, -1, 1)
             out = m(ids, position_ids_for(ids), None)  # last stage: [b, s, V_pad/tp] logits
@@ -66,8 +66,8 @@ def _train_worker(rank, world, hf_dir):
                 # Vocab padding columns must not enter the softmax (GPTModel's labels= loss
                 # would count them: their logits are 0, not -inf).
                 shard = logits.shape[-1]
-                cols = torch.arange(shard) + groups.tp_rank * shard
-                logits = logits.masked_fill(cols >= model.vocab_size_unpadded, -1e30)
+                cols = torch.arange(shard) + tp_rank * shard
+                logits = logits.masked_fill(cols >= vocab, -1e30)
                 per_token = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), labels.t())
                 loss = per_token[:-1].mean()  # the rolled last label is not a real target
                 return loss, {"loss": loss.detach().clone()}
