@@ -3,7 +3,7 @@
 #
 # Run it on every node (it calls torchrun itself with --node_rank):
 #   HF_DIR=/ckpt/Qwen3-8B DATA=/data/dapo-math-17k.parquet EVAL=/data/aime24.parquet \
-#   SGLANG_URLS='["http://10.0.0.5:30000"]' NNODES=1 NODE_RANK=0 MASTER_ADDR=10.0.0.1 \
+#   SGLANG_URLS=http://10.0.0.5:30000,http://10.0.0.6:30000 NNODES=1 NODE_RANK=0 MASTER_ADDR=10.0.0.1 \
 #       bash examples/train_qwen3_8b.sh [key=value overrides...]
 #
 # Start the SGLang servers first (one per inference node), e.g.
@@ -17,7 +17,7 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-SGLANG_URLS=${SGLANG_URLS:-'["http://127.0.0.1:30000"]'}
+SGLANG_URLS=${SGLANG_URLS:-http://127.0.0.1:30000}  # comma-separated
 EXTRA=()
 if [[ -n "${EVAL:-}" ]]; then EXTRA+=("eval.path=$EVAL"); fi
 
