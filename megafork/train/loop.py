@@ -65,7 +65,7 @@ def train(cfg) -> dict:
             dump_entropy(run, run_dir, step, mbs, threshold)
         if run.eval_dataset is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0:
             metrics["eval_accuracy"] = summary["final_accuracy"] = _eval(run, step + 1)
-        logger.log(step + 1, metrics)  # rows count steps completed, like checkpoints
+        logger.log(step, metrics)  # 0-based index; the row's "step" is steps completed, like checkpoints
         if _due(cfg.train.save_every, step, cfg.train.steps):
             checkpoint.save(run, run_dir, step + 1, {"summary": summary})
 
