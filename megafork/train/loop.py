@@ -40,6 +40,7 @@ def train(cfg) -> dict:
     logger = MetricsLogger(run_dir, cfg, start_step=start)
     if start == 0 and run.eval_dataset is not None:
         summary["initial_accuracy"] = _eval(run, step=0)
+        logger.log(0, {"eval_accuracy": summary["initial_accuracy"]})  # row 0: the starting model
 
     for step in range(start, cfg.train.steps):
         timer = Timer()
