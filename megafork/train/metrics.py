@@ -213,7 +213,7 @@ class MetricsLogger:
             self._tb.flush()
         if self.forking is not None and isinstance(row.get("selected_fraction"), float | int):
             check_selected_fraction(row["selected_fraction"], self.forking, done)
-        if self._bar is not None:
+        if self._bar is not None and step > 0:  # row 0 (the starting model's eval) is not a step
             shown = {label: fmt.format(row[key]) for key, label, fmt in _BAR_FIELDS
                      if isinstance(row.get(key), int | float) and math.isfinite(row[key])}
             self._bar.set_postfix(shown, refresh=False)
