@@ -4,10 +4,8 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from megafork.demo.model import DemoModelConfig, create_demo_model
-from megafork.demo.prototype import fork_mask, response_mask
 from megafork.demo.sft import SFTConfig, perturb_answer, sft_batch, warm_start
 from megafork.demo.task import LEVELS, ArithmeticTask, Problem
 from megafork.rewards import get_reward
@@ -97,19 +95,6 @@ def test_warm_start_runs_and_saves(hf_dir, tmp_path):
                      (dict(steps=0), "SFTConfig.steps"), (dict(target_accuracy=2.0), "SFTConfig.target_accuracy")]:
         with pytest.raises(ValueError, match=msg):
             SFTConfig(**bad)
-
-
-def test_prototype_masks():
-    resp = torch.tensor([[5, 6, 0, 0], [7, 0, 9, 9]])
-    assert response_mask(resp, eos=0).tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
-    ent = torch.tensor([[0.1, 0.9, 0.5, 3.0], [0.7, 0.2, 4.0, 4.0]])
-    m = response_mask(resp, eos=0)
-    g = torch.Generator().manual_seed(0)
-    assert fork_mask(ent, m, 0.4, "top", g).tolist() == [[0, 1, 0, 0], [1, 0, 0, 0]]  # k = ceil(0.4 * 5) = 2
-    assert fork_mask(ent, m, 0.4, "bottom", g).tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
-    assert fork_mask(ent, m, 0.4, "all", g).tolist() == m.tolist()
-    r = fork_mask(ent, m, 0.4, "random", g)
-    assert r.sum() == 2 and (r * (1 - m)).sum() == 0
 
 
 def test_task_rows_load_through_the_dataset(hf_dir, tmp_path):

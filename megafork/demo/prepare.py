@@ -22,7 +22,7 @@ from megafork.demo.task import ArithmeticTask
 
 @dataclass
 class DemoSetup:
-    """The demo's task, model shape and warm-start recipe (the values the prototype validated).
+    """The demo's task, model shape and warm-start recipe (tuned with the RL trainer on tiny_cpu.yaml).
 
     Attributes:
         difficulty: `ArithmeticTask` level.
