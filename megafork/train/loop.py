@@ -15,14 +15,12 @@ import logging
 import math
 import time
 
-import torch
-
 from megafork.distributed import init_distributed
 from megafork.train import checkpoint
 from megafork.train.metrics import MetricsLogger, Timer
 from megafork.train.rollout_phase import collect_rollouts, evaluate
 from megafork.train.setup import build_run
-from megafork.train.shard import broadcast_from, shard_step
+from megafork.train.shard import all_dp_ranks, broadcast_from, pack_minibatches, scatter_step, split_for_dp
 from megafork.train.step_metrics import dump_entropy, step_metrics
 from megafork.train.update import old_pass, select, train_minibatches
 
@@ -38,19 +36,22 @@ def train(cfg) -> dict:
     start, extra = checkpoint.resume(cfg, run, run_dir)
     summary = extra.get("summary", {"initial_accuracy": None, "final_accuracy": None})
     logger = MetricsLogger(run_dir, cfg, start_step=start)
+    dp_rank_of = all_dp_ranks(groups)
     if start == 0 and run.eval_dataset is not None:
         summary["initial_accuracy"] = _eval(run, step=0)
-        logger.log(0, {"eval_accuracy": summary["initial_accuracy"]})  # row 0: the starting model
+        logger.log_start({"eval_accuracy": summary["initial_accuracy"]})
 
     for step in range(start, cfg.train.steps):
         timer = Timer()
         with timer("rollout"):
-            trajs, rstats = collect_rollouts(run.engine, run.dataset, run.sampler, run.tokenizer, run.reward_fn,
-                                             cfg, step) if groups.rank == 0 else (None, None)
-            trajs, rstats, sampler_state = broadcast_from((trajs, rstats, run.sampler.state_dict()), src=0)
+            shares = rstats = None
+            if groups.rank == 0:
+                trajs, rstats = collect_rollouts(run.engine, run.dataset, run.sampler, run.tokenizer,
+                                                 run.reward_fn, cfg, step)
+                shares = split_for_dp(trajs, cfg.algo.n, cfg.train.minibatch_prompts, groups.dp_size)
+            (rstats, sampler_state), minis = scatter_step((rstats, run.sampler.state_dict()), shares, dp_rank_of)
             run.sampler.load_state_dict(sampler_state)
-        mbs, minis = shard_step(trajs, cfg.algo.n, cfg.train.minibatch_prompts, cfg.train.micro_batch_size,
-                                groups.dp_rank, groups.dp_size, pad_id=_pad_id(run))
+        mbs, minis = pack_minibatches(minis, cfg.train.micro_batch_size, pad_id=_pad_id(run))
         threshold, sums = math.nan, {}
         if mbs:
             with timer("old_pass"):

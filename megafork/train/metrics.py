@@ -213,11 +213,29 @@ class MetricsLogger:
             self._tb.flush()
         if self.forking is not None and isinstance(row.get("selected_fraction"), float | int):
             check_selected_fraction(row["selected_fraction"], self.forking, done)
-        if self._bar is not None and step > 0:  # row 0 (the starting model's eval) is not a step
+        if self._bar is not None:
             shown = {label: fmt.format(row[key]) for key, label, fmt in _BAR_FIELDS
                      if isinstance(row.get(key), int | float) and math.isfinite(row[key])}
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
+        return row
+
+    def log_start(self, metrics: dict) -> dict:
+        """Write row 0: the model before any step (e.g. its held-out accuracy). No bar update.
+
+        Args:
+            metrics: key -> number, as for `log`.
+        """
+        if not self.enabled:
+            return {}
+        row = {"step": 0, **{k: _plain(k, v) for k, v in metrics.items() if k != "step"}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, global_step=0)
+            self._tb.flush()
         return row
 
     def close(self) -> None:

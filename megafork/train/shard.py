@@ -7,6 +7,13 @@ import torch.distributed as dist
 from megafork.train.batch import MicroBatch, Trajectory, pack_microbatches
 
 
+def all_dp_ranks(groups) -> list[int]:
+    """The DP rank of every global rank (one all-gather, at start-up)."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, groups.dp_rank)
+    return out
+
+
 def broadcast_from(obj, src: int):
     """Send a picklable object from global rank `src` to every rank."""
     box = [obj]
@@ -14,30 +21,58 @@ def broadcast_from(obj, src: int):
     return box[0]
 
 
-def shard_step(trajs: list[Trajectory], n: int, minibatch_prompts: int, micro_batch_size: int, dp_rank: int,
-               dp_size: int, pad_id: int) -> tuple[list[MicroBatch], list[list[int]]]:
-    """This DP rank's micro-batches and, per optimizer mini-batch, the indices of its micro-batches.
+def split_for_dp(trajs: list[Trajectory], n: int, minibatch_prompts: int, dp_size: int) -> list[list[list[Trajectory]]]:
+    """Per DP rank, per optimizer mini-batch, the trajectories that rank trains on.
 
     Groups (n consecutive trajectories) are cut into mini-batches of `minibatch_prompts`
     groups; each DP rank takes a contiguous 1/dp of every mini-batch. When dynamic sampling came
     up short, the group count is rounded down to a multiple of `dp_size` so every rank runs
-    the same number of micro-batches (the collectives need it).
-
-    Returns:
-        (micro-batches, mini-batch spans); both empty when fewer than `dp_size` groups exist.
+    the same number of micro-batches (the collectives need it); with fewer than `dp_size`
+    groups every rank gets nothing and the step trains on nothing.
     """
     groups = [trajs[i:i + n] for i in range(0, len(trajs), n)]
     groups = groups[:len(groups) - len(groups) % dp_size]
-    microbatches: list[MicroBatch] = []
-    spans: list[list[int]] = []
+    out: list[list[list[Trajectory]]] = [[] for _ in range(dp_size)]
     for start in range(0, len(groups), minibatch_prompts):
         mini = groups[start:start + minibatch_prompts]
         per_rank = len(mini) // dp_size
-        mine = [t for g in mini[dp_rank * per_rank:(dp_rank + 1) * per_rank] for t in g]
-        packed = pack_microbatches(mine, micro_batch_size, pad_id)
+        for r in range(dp_size):
+            out[r].append([t for g in mini[r * per_rank:(r + 1) * per_rank] for t in g])
+    return out
+
+
+def scatter_step(payload, shares: list | None, dp_rank_of: list[int]):
+    """From rank 0, give every rank `payload` plus its DP rank's entry of `shares`.
+
+    Each rank receives only its own share (not the whole step), so the traffic out of rank 0
+    is one copy of the batch per model-parallel replica member, not one per world rank.
+
+    Args:
+        payload: small picklable state every rank gets (rollout stats, sampler state).
+        shares: on rank 0, one entry per DP rank; ignored elsewhere.
+        dp_rank_of: the DP rank of every global rank.
+    """
+    world = dist.get_world_size()
+    outgoing = [(payload, shares[dp_rank_of[r]]) for r in range(world)] if dist.get_rank() == 0 else None
+    box = [None]
+    dist.scatter_object_list(box, outgoing, src=0)
+    return box[0]
+
+
+def pack_minibatches(minis: list[list[Trajectory]], micro_batch_size: int, pad_id: int
+                     ) -> tuple[list[MicroBatch], list[list[int]]]:
+    """Pack each mini-batch's trajectories into micro-batches.
+
+    Returns:
+        (all micro-batches, the indices of each mini-batch's micro-batches).
+    """
+    microbatches: list[MicroBatch] = []
+    spans: list[list[int]] = []
+    for mine in minis:
+        packed = pack_microbatches(mine, micro_batch_size, pad_id) if mine else []
         spans.append(list(range(len(microbatches), len(microbatches) + len(packed))))
         microbatches += packed
-    return microbatches, spans
+    return microbatches, [s for s in spans if s]
 
 
 def response_tokens(microbatches: list[MicroBatch], field: str) -> torch.Tensor:
