@@ -156,7 +156,8 @@ def init_distributed(cfg: ParallelConfig | None = None) -> ParallelGroups:
         dp=None if one else ps.get_data_parallel_group(),
         cp=None if one else ps.get_context_parallel_group(),
         dp_cp=None if one else ps.get_data_parallel_group(with_context_parallel=True),
-        embd=None if one else ps.get_embedding_group(),
+        # Middle pipeline stages are in no embedding group: None there.
+        embd=None if one else ps.get_embedding_group(check_initialized=False),
         pg_collection=pgc,
         rank=dist.get_rank(),
         world_size=world,

@@ -1,0 +1,102 @@
+"""megafork.distributed groups at TP/PP/DP on 2 and 4 gloo ranks, and run_ranks' failure reporting.
+
+    .venv/bin/python -m pytest tests/test_distributed.py -q
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from megafork.testing import run_ranks
+from megafork.testing.multirank import RankFailure
+
+
+def _groups_worker(rank, world, layouts):
+    import torch.distributed as dist
+
+    from megafork.distributed import ParallelConfig, init_distributed
+
+    out = {}
+    for tp, pp in layouts:
+        g = init_distributed(ParallelConfig(tp=tp, pp=pp))
+        members = {k: dist.get_process_group_ranks(getattr(g, k)) for k in ("tp", "pp", "dp")}
+        # A real collective on each group: the sum of global ranks of its members.
+        sums = {}
+        for k in ("tp", "pp", "dp"):
+            t = torch.tensor([float(rank)])
+            dist.all_reduce(t, group=getattr(g, k))
+            sums[k] = t.item()
+        out[(tp, pp)] = dict(members=members, sums=sums, tp_rank=g.tp_rank, pp_rank=g.pp_rank,
+                             dp_rank=g.dp_rank, dp_size=g.dp_size, first=g.is_first_stage, last=g.is_last_stage)
+    try:
+        init_distributed(ParallelConfig(tp=3))
+        out["bad"] = None
+    except ValueError as exc:
+        out["bad"] = str(exc)
+    return out
+
+
+@pytest.mark.parametrize("world,layouts", [(2, [(1, 1), (2, 1), (1, 2)]), (4, [(2, 2), (4, 1), (1, 4), (2, 1)])])
+def test_groups_match_megatron_rank_order(world, layouts):
+    results = run_ranks(_groups_worker, world, args=(layouts,), timeout=240)
+    for rank, res in enumerate(results):
+        assert "not divisible by tp*pp*cp" in res["bad"] and f"world size {world}" in res["bad"]
+        for tp, pp in layouts:
+            dp = world // (tp * pp)
+            # megatron's default order tp-cp-ep-dp-pp: TP fastest, then DP, then PP.
+            tp_rank, dp_rank, pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
+            r = res[(tp, pp)]
+            assert (r["tp_rank"], r["dp_rank"], r["pp_rank"], r["dp_size"]) == (tp_rank, dp_rank, pp_rank, dp)
+            base = rank - tp_rank
+            assert r["members"]["tp"] == list(range(base, base + tp))
+            assert r["members"]["pp"] == [tp_rank + tp * dp_rank + tp * dp * s for s in range(pp)]
+            assert r["members"]["dp"] == [tp_rank + tp * d + tp * dp * pp_rank for d in range(dp)]
+            for k in ("tp", "pp", "dp"):
+                assert r["sums"][k] == sum(r["members"][k]), (rank, tp, pp, k)
+            assert r["first"] == (pp_rank == 0) and r["last"] == (pp_rank == pp - 1)
+
+
+def _raise_on_rank1(rank, world):
+    if rank == 1:
+        raise ValueError("boom from rank one")
+    import torch.distributed as dist
+
+    dist.barrier()  # blocked on the dead peer: the helper must still report promptly
+
+
+def _hang_on_rank1(rank, world):
+    if rank == 1:
+        time.sleep(600)
+    return rank
+
+
+def _die_on_rank0(rank, world):
+    if rank == 0:
+        os._exit(3)
+    time.sleep(600)
+
+
+def test_failure_names_rank_and_traceback():
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_raise_on_rank1, 2, timeout=120)
+    msg = str(info.value)
+    assert "rank 1" in msg and "ValueError: boom from rank one" in msg and "_raise_on_rank1" in msg
+    assert time.monotonic() - t0 < 60
+
+
+def test_hang_fails_at_timeout_and_kills_ranks():
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_hang_on_rank1, 2, timeout=12)
+    assert "ranks [1] still running after 12s" in str(info.value)
+    assert time.monotonic() - t0 < 40
+
+
+def test_rank_dying_silently_is_reported():
+    with pytest.raises(RankFailure) as info:
+        run_ranks(_die_on_rank0, 2, timeout=120)
+    assert "died without reporting" in str(info.value) and "0: 3" in str(info.value)
