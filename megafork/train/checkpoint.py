@@ -20,6 +20,7 @@ Public API:
     latest_checkpoint(root) -> Path | None
     list_checkpoints(root) -> list[Path]                          (complete ones, by step)
     validate_checkpoint(path) -> dict                             (the meta; raises CheckpointError)
+    sync_save_strategy(thread_count=2)                            (for any synchronous dist_checkpointing.save)
     capture_rng_state() -> dict, restore_rng_state(state) -> None
     CheckpointError(ValueError), LoadedCheckpoint(path, step, extra, rank_extra, meta)
 
@@ -43,6 +44,7 @@ and last `megafork_checkpoint.json` (step, layout, versions), whose presence mar
 Pickled bytes keep `torch.load(weights_only=True)` (megatron's common-state loader) working for
 any picklable value; checkpoints are trusted input, like any torch checkpoint.
 
+`root` must be on a filesystem all ranks share (as dist_checkpointing itself requires).
 Atomicity: every rank writes into `step_N.tmp-<nonce>/` (nonce from rank 0) and fsyncs its files;
 after a barrier rank 0 writes the meta file, fsyncs it and the directory, renames the directory to
 `step_N/` and replaces `latest` by write-temp + fsync + `os.replace`. A process killed at any point
@@ -60,7 +62,8 @@ dist_checkpointing writes each rank's shards in forked writer processes (megatro
 in-process instead). Its result queue would be created through a *spawn*-context Manager, a
 process that re-imports `__main__` (seconds per process, and a hazard for scripts without an
 `if __name__ == "__main__":` guard); the queue is only read by the saving process in a synchronous
-save, so `_save_strategy` gives megatron a plain `queue.Queue` instead.
+save, so `sync_save_strategy` gives megatron a plain `queue.Queue` instead (reusable by any
+`dist_checkpointing.save(..., sharded_strategy=sync_save_strategy())`).
 """
 from __future__ import annotations
 
@@ -333,7 +336,12 @@ def _rank_object(rank: int, world: int, payload: bytes | None):
     return ShardedObject("megafork.rank_state", payload, (world,), (rank,), replica_id=0)
 
 
-def _save_strategy(thread_count: int):
+def sync_save_strategy(thread_count: int = 2):
+    """megatron's torch_dist save strategy for synchronous saves, without the spawn-context Manager.
+
+    Args:
+        thread_count: writer buckets (files) per rank.
+    """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -409,7 +417,7 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer, 
     state["extra"] = pickle.dumps(extra or {})
     state["rank_state"] = _rank_object(rank, world, pickle.dumps({"rng": rng, "rank_extra": rank_extra}))
     t0 = time.perf_counter()
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(thread_count))
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy(thread_count))
     for f in tmp.glob(f"__{rank}_*"):
         _fsync_file(f)
     _barrier()
