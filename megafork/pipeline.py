@@ -108,7 +108,8 @@ def policy_forward_step(cfg: PolicyLossConfig, tp_group: dist.ProcessGroup | Non
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        return _forward(batch, model), partial(policy_loss_func, cfg, tp_group, vocab_size, batch, _unwrap(model))
+        inner = _unwrap(model)  # before the forward: a model without the contract fails with a clear message
+        return _forward(batch, model), partial(policy_loss_func, cfg, tp_group, vocab_size, batch, inner)
 
     return forward_step
 
@@ -172,8 +173,9 @@ def logprob_forward_step(tp_group: dist.ProcessGroup | None, vocab_size: int, te
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
+        inner = _unwrap(model)
         return _forward(batch, model), partial(_logprob_loss_func, tp_group, vocab_size, temperature,
-                                               chunk_size, batch, _unwrap(model))
+                                               chunk_size, batch, inner)
 
     return forward_step
 
