@@ -3,4 +3,6 @@ import sys
 
 from megafork.cli import main
 
-sys.exit(main())
+# The guard matters: spawn-context helpers (e.g. dist_checkpointing's writers) re-import __main__.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,7 +64,24 @@ def _worker(fn, rank, world_size, port, args, kwargs, init_pg, results):
                 pass
 
 
-def run_ranks(
+def run_ranks(*args, port_retries: int = 3, **kwargs) -> list[Any]:
+    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` spawned gloo ranks.
+
+    See `_run_ranks_once` for the arguments. The rendezvous port is picked free and then bound
+    by rank 0's TCPStore a moment later; if another process takes it in between (EADDRINUSE),
+    the whole run is retried on a new port, up to `port_retries` times. Any other failure is
+    raised at once.
+    """
+    for attempt in range(port_retries + 1):
+        try:
+            return _run_ranks_once(*args, **kwargs)
+        except RankFailure as e:
+            if "EADDRINUSE" not in str(e) or attempt == port_retries:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_ranks_once(
     fn: Callable[..., Any],
     world_size: int,
     args: tuple = (),

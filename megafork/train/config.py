@@ -223,6 +223,7 @@ class TrainConfig:
         micro_batch_size: sequences per forward/backward micro-batch (per DP rank).
         save_every: checkpoint every this many steps (0 = only at the end).
         resume: "auto" (the latest checkpoint of the run, if any), "none", or a checkpoint path.
+        keep_last: keep this many newest checkpoints (0 = all).
         seed: seed for data order, sampling and every RNG.
     """
 
@@ -232,12 +233,13 @@ class TrainConfig:
     micro_batch_size: int = 4
     save_every: int = 20
     resume: str = "auto"
+    keep_last: int = 3
     seed: int = 1234
 
     def __post_init__(self):
         _check_types(self, "train")
         _positive(self, "train", "steps", "prompts_per_step", "minibatch_prompts", "micro_batch_size")
-        _positive(self, "train", "save_every", "seed", allow_zero=True)
+        _positive(self, "train", "save_every", "seed", "keep_last", allow_zero=True)
         _require(self.prompts_per_step % self.minibatch_prompts == 0, "train.prompts_per_step",
                  f"a multiple of train.minibatch_prompts={self.minibatch_prompts}", self.prompts_per_step)
         _require(bool(self.resume), "train.resume", "'auto', 'none' or a checkpoint path", self.resume)
