@@ -39,7 +39,7 @@ def _groups_worker(rank, world, layouts):
     return out
 
 
-@pytest.mark.parametrize("world,layouts", [(2, [(1, 1), (2, 1), (1, 2)]), (4, [(2, 2), (4, 1), (1, 4), (2, 1)])])
+@pytest.mark.parametrize("world,layouts", [(2, [(1, 1), (2, 1), (1, 2)]), (4, [(2, 2), (1, 4)])])
 def test_groups_match_megatron_rank_order(world, layouts):
     results = run_ranks(_groups_worker, world, args=(layouts,), timeout=240)
     for rank, res in enumerate(results):
@@ -91,8 +91,8 @@ def test_failure_names_rank_and_traceback():
 def test_hang_fails_at_timeout_and_kills_ranks():
     t0 = time.monotonic()
     with pytest.raises(RankFailure) as info:
-        run_ranks(_hang_on_rank1, 2, timeout=12)
-    assert "ranks [1] still running after 12s" in str(info.value)
+        run_ranks(_hang_on_rank1, 2, timeout=8)
+    assert "ranks [1] still running after 8s" in str(info.value)
     assert time.monotonic() - t0 < 40
 
 
