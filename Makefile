@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	touch $(STAMP)
 
 test: setup
-	$(VPY) -m pytest tests $(PYTEST_ARGS)
+	$(VPY) -m pytest tests --durations=15 $(PYTEST_ARGS)
 
 demo: setup
 	$(VPY) -m megafork.demo

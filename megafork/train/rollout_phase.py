@@ -78,9 +78,10 @@ def collect_rollouts(engine, dataset, sampler, tokenizer, reward_fn, cfg, step: 
         need = want - len(kept)
         if need <= 0:
             break
-        # Round 0 takes the step's batch; later rounds oversample what is still missing.
-        batches = 1 if rnd == 0 else max(1, math.ceil(cfg.algo.oversample * need / want))
-        idx = [i for _ in range(batches) for i in sampler.next_global_batch()]
+        # With dynamic sampling every round generates algo.oversample x prompts_per_step prompts
+        # (DAPO's gen_batch_size), drawn from the sampler's stream in whole batches.
+        count = math.ceil(cfg.algo.oversample * want) if cfg.algo.dynamic_sampling else want
+        idx = [i for _ in range(math.ceil(count / want)) for i in sampler.next_global_batch()][:count]
         prompts = [dataset[i] for i in idx]
         samples = engine.generate([p.prompt_ids for p in prompts],
                                   rollout_sampling(cfg, seed=_seed(cfg.train.seed, step, rnd)))
