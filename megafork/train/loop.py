@@ -34,6 +34,8 @@ def train(cfg) -> dict:
     run = build_run(cfg, groups)
     run_dir = cfg.log.run_dir
     start, extra = checkpoint.resume(cfg, run, run_dir)
+    if start > 0 or cfg.model.megatron_path:  # the engine was built from model.hf_path: give it these weights
+        _sync(run, start - 1)
     summary = extra.get("summary", {"initial_accuracy": None, "final_accuracy": None})
     logger = MetricsLogger(run_dir, cfg, start_step=start)
     dp_rank_of = all_dp_ranks(groups)
