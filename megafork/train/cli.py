@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         cfg.log.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_resolved(cfg.log.run_dir / "config.yaml")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from megafork.train.loop import train
 
-    summary = train(cfg)
+    with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
+        summary = train(cfg)
     if rank == 0:
         print(f"megafork train: done; summary {summary} in {cfg.log.run_dir}")
     return 0
