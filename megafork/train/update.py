@@ -6,10 +6,12 @@ group is `dp_cp` of that stage (see `megafork.forking` for the scopes).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
-from megafork.forking import select_forking_tokens, topk_threshold
+from megafork.forking import select_forking_tokens
 from megafork.pipeline import PolicyLossConfig, logprob_forward_step, policy_forward_step
 from megafork.train.batch import MicroBatch
 
@@ -78,8 +80,17 @@ def select(microbatches: list[MicroBatch], forking_cfg, minibatches: list[list[i
             microbatches[i].fork_mask = sel[offset:offset + n].view_as(microbatches[i].entropy)
             offset += n
     if scope == "step" and mode == "top":
-        return topk_threshold(ent, resp, ratio, group=groups.dp_cp)
+        return _min_selected(ent, sel, groups.dp_cp)
     return float("nan")
+
+
+def _min_selected(entropy: torch.Tensor, selected: torch.Tensor, group) -> float:
+    """The smallest selected entropy over the group: the top-mode threshold τ (ties are kept)."""
+    local = entropy[selected].min() if bool(selected.any()) else torch.tensor(math.inf)
+    t = local.reshape(1).to(torch.float32)
+    if group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return float(t)
 
 
 def train_minibatches(model_chunks, optimizer, microbatches: list[MicroBatch],
