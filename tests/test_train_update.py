@@ -242,7 +242,7 @@ def test_pack_microbatches_layout():
     ([_traj()], 0, r"train.micro_batch_size: expected >= 1, found 0"),
     ([_traj(), _traj(), _traj(0)], 2, r"trajectory 2: expected at least one response token"),
     ([_traj(), _traj(3, n_lp=2)], 1, r"trajectory 1: expected one rollout log-prob per response token \(3\), found 2"),
-])
+], ids=["micro_batch_size_0", "empty_response", "logprob_count"])
 def test_pack_microbatches_errors(trajs, mbs, match):
     with pytest.raises(ValueError, match=match):
         pack_microbatches(trajs, mbs)
@@ -270,7 +270,7 @@ def _cfg(**train):
      r"train.minibatch_prompts: expected a multiple of the data-parallel size 2, found 3"),
     ("prompts_per_step=6", 1, r"train.prompts_per_step: expected a multiple of train.minibatch_prompts=4, found 6"),
     ("local_random", 1, r"forking.mode: scope 'local' .* found 'random'"),
-])
+], ids=["minibatch_prompts_vs_dp", "prompts_per_step_vs_minibatch", "local_scope_random_mode"])
 def test_check_layout_errors_name_the_field(change, dp, match):
     from megafork.train.config import ForkingConfig
     from megafork.train.setup import _check_layout
