@@ -153,6 +153,8 @@ class ForkingConfig:
     def __post_init__(self):
         _check_types(self, "forking")
         _require(0.0 < self.ratio <= 1.0, "forking.ratio", "a float in (0, 1]", self.ratio)
+        _require(self.scope != "local" or self.mode in ("top", "bottom"), "forking.mode",
+                 "'top' or 'bottom' with scope 'local' (torch.topk per micro-batch)", self.mode)
 
 
 @dataclass

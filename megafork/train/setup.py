@@ -105,18 +105,12 @@ def _build_engine(cfg):
 
 
 def _check_layout(cfg, groups) -> None:
-    """Batch-shape rules that depend on the DP size; each error names the field."""
+    """Rules that depend on the DP size (the rest is checked when the config loads)."""
     dp = groups.dp_size
     t = cfg.train
     if t.minibatch_prompts % dp:
         raise ValueError(f"train.minibatch_prompts: expected a multiple of the data-parallel size {dp}, "
                          f"found {t.minibatch_prompts}")
-    if t.prompts_per_step % t.minibatch_prompts:
-        raise ValueError(f"train.prompts_per_step: expected a multiple of train.minibatch_prompts="
-                         f"{t.minibatch_prompts}, found {t.prompts_per_step}")
-    if cfg.forking.scope == "local" and cfg.forking.mode not in ("top", "bottom"):
-        raise ValueError(f"forking.mode: scope 'local' (torch.topk per micro-batch) supports 'top' or 'bottom', "
-                         f"found {cfg.forking.mode!r}")
     if not torch.cuda.is_available() and cfg.model.dtype != "float32":
         log.warning("model.dtype=%s on a CPU-only torch: bf16/fp16 matmuls are slow on CPU; float32 is "
                     "recommended for CPU runs", cfg.model.dtype)

@@ -30,6 +30,9 @@ def split_for_dp(trajs: list[Trajectory], n: int, minibatch_prompts: int, dp_siz
     the same number of micro-batches (the collectives need it); with fewer than `dp_size`
     groups every rank gets nothing and the step trains on nothing.
     """
+    if len(trajs) % n:
+        raise ValueError(f"split_for_dp: expected whole groups of algo.n={n} trajectories, found {len(trajs)} "
+                         f"({len(trajs) % n} left over)")
     groups = [trajs[i:i + n] for i in range(0, len(trajs), n)]
     groups = groups[:len(groups) - len(groups) % dp_size]
     out: list[list[list[Trajectory]]] = [[] for _ in range(dp_size)]
