@@ -56,7 +56,7 @@ def _token_stats(mbs, sums: dict, g) -> dict:
         "selected_count": float(sel[resp].sum()) if sel is not None else float(sums.get("selected", 0.0)),
         "gap_sum": float((old - rollout).abs().sum()) if old.numel() else 0.0,
         "tokens": float(sum(mb.tokens.numel() for mb in mbs)),
-        **{k: v for k, v in sums.items() if k != "grad_norm"},
+        **{k: v for k, v in sums.items() if k not in ("grad_norm", "skipped_updates")},
     }
     tot = reduce_sums(local, g.dp_cp)
     n_resp, n_sel = max(tot["response_tokens"], 1.0), max(tot.get("selected", tot["selected_count"]), 1.0)
@@ -66,6 +66,7 @@ def _token_stats(mbs, sums: dict, g) -> dict:
         "logprob_gap": tot["gap_sum"] / n_resp,
         "tokens": tot["tokens"],
         "grad_norm": sums.get("grad_norm", math.nan),
+        "skipped_updates": sums.get("skipped_updates", 0.0),  # same on every rank: not summed
         "loss": tot.get("loss_sum", math.nan) / max(tot.get("normalizer", 0.0), 1.0),
         "clip_fraction_low": tot.get("clipfrac_low_sum", 0.0) / n_sel,
         "clip_fraction_high": tot.get("clipfrac_high_sum", 0.0) / n_sel,

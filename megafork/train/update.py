@@ -6,6 +6,7 @@ group is `dp_cp` of that stage (see `megafork.forking` for the scopes).
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -14,6 +15,8 @@ import torch.distributed as dist
 from megafork.forking import select_forking_tokens
 from megafork.pipeline import PolicyLossConfig, logprob_forward_step, policy_forward_step
 from megafork.train.batch import MicroBatch
+
+log = logging.getLogger(__name__)
 
 
 def run_schedule(model_chunks, forward_step, microbatches: list[MicroBatch], forward_only: bool, groups):
@@ -105,9 +108,9 @@ def train_minibatches(model_chunks, optimizer, microbatches: list[MicroBatch],
         out = run_schedule(model_chunks, policy_forward_step(loss_cfg, groups.tp, vocab_size),
                            [microbatches[i] for i in span], forward_only=False, groups=groups)
         ok, grad_norm, _ = optimizer.step()
-        if not ok:
-            raise FloatingPointError("optimizer.step() reported a non-finite gradient (update skipped); "
-                                     "check the learning rate and the loss inputs")
+        if not ok:  # only fp16's dynamic loss scaler skips: it found inf/nan and lowered the scale
+            totals["skipped_updates"] = totals.get("skipped_updates", 0.0) + 1.0
+            log.warning("optimizer step skipped: the fp16 loss scaler found a non-finite gradient")
         grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
         for res in out if groups.is_last_stage else []:
             for k, v in res.items():
