@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import warnings
 
 SUBCOMMANDS = {
     "train": ("megafork.train.cli", "RLVR training (DAPO on forking tokens)"),
@@ -20,8 +19,6 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    # megatron-core warns at import that TE/apex are missing; megafork knows (CPU mode, local spec).
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine and Apex|Apex) (are|is) not installed")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: megafork {" + ",".join(SUBCOMMANDS) + "} [args...]\n")
