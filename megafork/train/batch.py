@@ -18,9 +18,10 @@ class Trajectory:
     """One prompt + response.
 
     Attributes:
-        prompt_ids: prompt token ids.
+        prompt_ids: prompt token ids (int tensor or list; the trainer stores int32 tensors, which
+            pickle compactly when rank 0 scatters the step, where Python lists cost ~36 B a token).
         response_ids: generated ids (stop token included).
-        rollout_logprobs: the engine's log-prob of each response token.
+        rollout_logprobs: the engine's log-prob of each response token (float32 tensor or list).
         reward: shaped reward (verifier score + overlong penalty).
         accuracy: 1.0 if the verifier accepted the answer, else 0.0.
         advantage: GRPO advantage, the same for every token of the response.
@@ -28,9 +29,9 @@ class Trajectory:
         finish_reason: "stop", "length" or "abort".
     """
 
-    prompt_ids: list[int]
-    response_ids: list[int]
-    rollout_logprobs: list[float]
+    prompt_ids: torch.Tensor | list[int]
+    response_ids: torch.Tensor | list[int]
+    rollout_logprobs: torch.Tensor | list[float]
     reward: float
     accuracy: float
     advantage: float = 0.0
@@ -81,7 +82,7 @@ def pack_microbatches(trajs: list[Trajectory], micro_batch_size: int, pad_id: in
     for start in range(0, len(trajs), micro_batch_size):
         chunk = trajs[start:start + micro_batch_size]
         for i, t in enumerate(chunk, start):
-            if not t.response_ids:
+            if len(t.response_ids) == 0:
                 raise ValueError(f"trajectory {i}: expected at least one response token, found none")
             if len(t.rollout_logprobs) != len(t.response_ids):
                 raise ValueError(f"trajectory {i}: expected one rollout log-prob per response token "
@@ -94,14 +95,15 @@ def pack_microbatches(trajs: list[Trajectory], micro_batch_size: int, pad_id: in
         adv = torch.zeros((b, seq), dtype=torch.float32)
         rlp = torch.zeros((b, seq), dtype=torch.float32)
         for r, t in enumerate(chunk):
-            ids = t.prompt_ids + t.response_ids
+            ids = torch.cat([torch.as_tensor(t.prompt_ids, dtype=torch.long),
+                             torch.as_tensor(t.response_ids, dtype=torch.long)])
             p, n = len(t.prompt_ids), len(t.response_ids)
-            tokens[r, :len(ids)] = torch.tensor(ids)
-            labels[r, :len(ids) - 1] = torch.tensor(ids[1:])
+            tokens[r, :len(ids)] = ids
+            labels[r, :len(ids) - 1] = ids[1:]
             # Label position p-1+j predicts response token j.
             resp[r, p - 1:p - 1 + n] = True
             adv[r, p - 1:p - 1 + n] = t.advantage
-            rlp[r, p - 1:p - 1 + n] = torch.tensor(t.rollout_logprobs, dtype=torch.float32)
+            rlp[r, p - 1:p - 1 + n] = torch.as_tensor(t.rollout_logprobs, dtype=torch.float32)
         pos = torch.arange(seq).unsqueeze(0).expand(b, seq).contiguous()
         out.append(MicroBatch(tokens, pos, labels, resp, adv, rlp))
     return out

@@ -106,10 +106,12 @@ def collect_rollouts(engine, dataset, sampler, tokenizer, reward_fn, cfg, step: 
             if not keep[g] or len(kept) >= want:
                 continue
             group = []
+            prompt_ids = torch.tensor(prompts[g].prompt_ids, dtype=torch.int32)
             for j in range(g * n, (g + 1) * n):
                 s = samples[j]
-                group.append(Trajectory(prompt_ids=prompts[g].prompt_ids, response_ids=list(s.response_ids),
-                                        rollout_logprobs=list(s.logprobs), reward=float(shaped[j]),
+                group.append(Trajectory(prompt_ids=prompt_ids, response_ids=torch.tensor(s.response_ids, dtype=torch.int32),
+                                        rollout_logprobs=torch.tensor(s.logprobs, dtype=torch.float32),
+                                        reward=float(shaped[j]),
                                         accuracy=accs[j], advantage=float(adv[j]), group=len(kept),
                                         finish_reason=s.finish_reason))
             kept.append(group)
