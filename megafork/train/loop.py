@@ -51,9 +51,9 @@ def train(cfg) -> dict:
                 trajs, rstats = collect_rollouts(run.engine, run.dataset, run.sampler, run.tokenizer,
                                                  run.reward_fn, cfg, step)
                 shares = split_for_dp(trajs, cfg.algo.n, cfg.train.minibatch_prompts, groups.dp_size)
-            (rstats, sampler_state), minis = scatter_step((rstats, run.sampler.state_dict()), shares, dp_rank_of)
+            (rstats, sampler_state), my_share = scatter_step((rstats, run.sampler.state_dict()), shares, dp_rank_of)
             run.sampler.load_state_dict(sampler_state)
-        mbs, minis = pack_minibatches(minis, cfg.train.micro_batch_size, pad_id=_pad_id(run))
+        mbs, minis = pack_minibatches(my_share, cfg.train.micro_batch_size, pad_id=_pad_id(run))
         threshold, sums = math.nan, {}
         if mbs:
             with timer("old_pass"):
