@@ -54,6 +54,7 @@ def train(cfg) -> dict:
             (rstats, sampler_state), my_share = scatter_step((rstats, run.sampler.state_dict()), shares, dp_rank_of)
             run.sampler.load_state_dict(sampler_state)
         mbs, minis = pack_minibatches(my_share, cfg.train.micro_batch_size, pad_id=_pad_id(run))
+        mbs = [mb.to(groups.device) for mb in mbs]
         threshold, sums = math.nan, {}
         if mbs:
             with timer("old_pass"):

@@ -20,7 +20,7 @@ from megafork.train.update import reduce_sums
 def reporter_rank(groups) -> int:
     """Global rank of the last stage's (tp 0, dp 0, cp 0) rank: it reports token statistics."""
     me = groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0 and groups.cp_rank == 0
-    t = torch.tensor([groups.rank if me else -1])
+    t = torch.tensor([groups.rank if me else -1], device=groups.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
 
@@ -58,7 +58,7 @@ def _token_stats(mbs, sums: dict, g) -> dict:
         "tokens": float(sum(mb.tokens.numel() for mb in mbs)),
         **{k: v for k, v in sums.items() if k not in ("grad_norm", "skipped_updates")},
     }
-    tot = reduce_sums(local, g.dp_cp)
+    tot = reduce_sums(local, g.dp_cp, g.device)
     n_resp, n_sel = max(tot["response_tokens"], 1.0), max(tot.get("selected", tot["selected_count"]), 1.0)
     out = {
         "selected_count": tot["selected_count"],

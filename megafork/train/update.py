@@ -68,7 +68,8 @@ def select(microbatches: list[MicroBatch], forking_cfg, minibatches: list[list[i
     if not groups.is_last_stage:
         return float("nan")
     scope, ratio, mode = forking_cfg.scope, forking_cfg.ratio, forking_cfg.mode
-    gen = torch.Generator().manual_seed(seed) if mode == "random" else None
+    device = microbatches[0].entropy.device if microbatches else torch.device("cpu")
+    gen = torch.Generator(device=device).manual_seed(seed) if mode == "random" else None
     if scope == "local":
         return float("nan")  # selected in the training pass (PolicyLossConfig.local_ratio)
     spans = {"step": [list(range(len(microbatches)))], "minibatch": minibatches,
@@ -89,7 +90,7 @@ def select(microbatches: list[MicroBatch], forking_cfg, minibatches: list[list[i
 
 def _min_selected(entropy: torch.Tensor, selected: torch.Tensor, group) -> float:
     """The smallest selected entropy over the group: the top-mode threshold τ (ties are kept)."""
-    local = entropy[selected].min() if bool(selected.any()) else torch.tensor(math.inf)
+    local = entropy[selected].min() if bool(selected.any()) else torch.tensor(math.inf, device=entropy.device)
     t = local.reshape(1).to(torch.float32)
     if group is not None:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
@@ -119,11 +120,11 @@ def train_minibatches(model_chunks, optimizer, microbatches: list[MicroBatch],
     return totals
 
 
-def reduce_sums(values: dict[str, float], group) -> dict[str, float]:
-    """Sum a dict of floats over `group` (identity for None)."""
+def reduce_sums(values: dict[str, float], group, device: torch.device | None = None) -> dict[str, float]:
+    """Sum a dict of floats over `group` (identity for None); `device` is the backend's (CUDA for NCCL)."""
     if group is None or not values:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, group=group)
     return dict(zip(keys, t.tolist(), strict=True))
