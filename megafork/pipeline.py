@@ -186,5 +186,5 @@ def _logprob_loss_func(tp_group, vocab_size, temperature, chunk_size, batch, mod
                                           chunk_size=chunk_size)
     shape = batch.labels.shape
     zero = torch.zeros((), dtype=torch.float32, device=lp.device)
-    return zero, torch.tensor(0, dtype=torch.int), {"logprobs": lp.view(shape).detach(),
+    return zero, torch.zeros((), dtype=torch.int, device=lp.device), {"logprobs": lp.view(shape).detach(),
                                                     "entropy": ent.view(shape).detach()}
