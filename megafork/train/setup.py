@@ -1,6 +1,7 @@
 """Everything a run needs before its first step: model, optimizer, engine, data, logger."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch
 from megafork.data.dataset import PromptDataset, load_tokenizer
 from megafork.data.sampler import PromptSampler
 from megafork.models.qwen3 import Qwen3BuildOptions, build_qwen3, load_hf_weights, read_hf_config
+from megafork.models.qwen3.checkpoint import build_from_megatron_checkpoint
 from megafork.pipeline import PolicyLossConfig
 from megafork.rewards import get_reward
 from megafork.train.optim import build_optimizer, enable_per_token_loss, wrap_ddp
@@ -45,31 +47,31 @@ class Run:
 def build_run(cfg, groups) -> Run:
     """Build model (HF weights or a megatron checkpoint), optimizer, data and, on rank 0, the engine."""
     _check_layout(cfg, groups)
-    hf = read_hf_config(cfg.model.hf_path)
-    if cfg.model.transformer_impl == "transformer_engine":
-        spec = "te"
-    else:
-        spec = "local"
-    opts = Qwen3BuildOptions(dtype=_DTYPES[cfg.model.dtype], spec=spec,
-                             use_cpu_initialization=not torch.cuda.is_available(),
-                             perform_initialization=False)
-    model = build_qwen3(hf, opts, groups)
-    if cfg.model.megatron_path:
-        from megafork.models.qwen3.checkpoint import load_megatron_checkpoint
-
-        load_megatron_checkpoint(model, cfg.model.megatron_path)
-    else:
-        load_hf_weights(model, cfg.model.hf_path, groups)
-    model.config.variable_seq_lengths = groups.pp_size > 1  # micro-batches are padded per batch
-    enable_per_token_loss(model)
-    chunks = [wrap_ddp(model, groups)]
-    optimizer, scheduler = build_optimizer(cfg.optim, chunks, total_steps=cfg.train.steps, groups=groups)
-
+    # Data first: a bad row should stop the run before minutes of model loading.
     tokenizer = load_tokenizer(cfg.model.hf_path)
     dataset = PromptDataset.from_config(cfg.data, tokenizer)
     eval_dataset = PromptDataset.from_config(cfg.data, tokenizer, path=cfg.eval.path) if cfg.eval.path else None
     # Rank 0 draws every prompt (it drives the engine); all ranks keep the same sampler state.
     sampler = PromptSampler(len(dataset), cfg.train.prompts_per_step, cfg.train.seed, cfg.data.shuffle)
+
+    opts = Qwen3BuildOptions(dtype=_DTYPES[cfg.model.dtype],
+                             spec="te" if cfg.model.transformer_impl == "transformer_engine" else "local",
+                             use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False)
+    if cfg.model.megatron_path:  # its padded vocab and config come from the checkpoint's metadata
+        model, _ = build_from_megatron_checkpoint(cfg.model.megatron_path, groups, opts)
+        ours, theirs = (dataclasses.replace(c, source="") for c in (read_hf_config(cfg.model.hf_path), model.hf_config))
+        if ours != theirs:  # the engine and tokenizer come from hf_path: they must be the same model
+            raise ValueError(f"model.megatron_path {cfg.model.megatron_path!r}: expected the model of model.hf_path "
+                             f"({ours}), found {theirs}")
+    else:
+        model = build_qwen3(read_hf_config(cfg.model.hf_path), opts, groups)
+        load_hf_weights(model, cfg.model.hf_path, groups)
+    hf = model.hf_config
+    model.config.variable_seq_lengths = groups.pp_size > 1  # micro-batches are padded per batch
+    enable_per_token_loss(model)
+    chunks = [wrap_ddp(model, groups)]
+    optimizer, scheduler = build_optimizer(cfg.optim, chunks, total_steps=cfg.train.steps, groups=groups)
+
     fk = cfg.forking
     loss_cfg = PolicyLossConfig(
         clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, clip_ratio_c=cfg.algo.clip_ratio_c,
