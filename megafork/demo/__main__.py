@@ -34,21 +34,26 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    import yaml
+    from megafork.train.config import ConfigError, load_config
 
-    cfg = yaml.safe_load(Path(CONFIG).read_text())
-    run_dir = Path(cfg["log"]["dir"]) / cfg["log"]["run_name"]
-    warm = run_dir / "warm_start.json"
-    if args.fresh or not warm.is_file() or not (run_dir / "hf_sft" / "config.json").is_file():
-        print(f"[demo] 1/3 warm start: tiny Qwen3 + task tokenizer -> {run_dir}/hf_sft", flush=True)
+    try:
+        cfg = load_config(CONFIG, args.overrides)  # validates the overrides before any work
+    except ConfigError as e:
+        p.exit(2, f"megafork.demo: {e}\n")
+    data_dir = Path(cfg.model.hf_path).parent  # the warm start writes hf_sft/ and the prompt files here
+    run_dir = cfg.log.run_dir
+    warm = data_dir / "warm_start.json"
+    if args.fresh or not warm.is_file() or not Path(cfg.model.hf_path, "config.json").is_file():
+        print(f"[demo] 1/3 warm start: tiny Qwen3 + task tokenizer -> {cfg.model.hf_path}", flush=True)
         from megafork.demo.prepare import prepare_demo
 
-        prepare_demo(run_dir)
+        prepare_demo(data_dir)
     else:
-        print(f"[demo] 1/3 warm start: reusing {run_dir}/hf_sft ({warm}; --fresh to redo it)", flush=True)
+        print(f"[demo] 1/3 warm start: reusing {cfg.model.hf_path} ({warm}; --fresh to redo it)", flush=True)
     t_train = time.perf_counter()
 
-    print(f"[demo] 2/3 RL: torchrun --nproc_per_node={args.nproc} -m megafork train --config {CONFIG}", flush=True)
+    print(f"[demo] 2/3 RL: torchrun --nproc_per_node={args.nproc} -m megafork train --config {CONFIG} "
+          + " ".join(args.overrides), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "megafork", "train", "--config", CONFIG, *args.overrides]
