@@ -242,7 +242,8 @@ def test_pack_microbatches_layout():
     ([_traj()], 0, r"train.micro_batch_size: expected >= 1, found 0"),
     ([_traj(), _traj(), _traj(0)], 2, r"trajectory 2: expected at least one response token"),
     ([_traj(), _traj(3, n_lp=2)], 1, r"trajectory 1: expected one rollout log-prob per response token \(3\), found 2"),
-], ids=["micro_batch_size_0", "empty_response", "logprob_count"])
+    ([_traj(), _traj(p=0)], 2, r"trajectory 1: expected at least one prompt token"),
+], ids=["micro_batch_size_0", "empty_response", "logprob_count", "empty_prompt"])
 def test_pack_microbatches_errors(trajs, mbs, match):
     with pytest.raises(ValueError, match=match):
         pack_microbatches(trajs, mbs)

@@ -74,7 +74,8 @@ def pack_microbatches(trajs: list[Trajectory], micro_batch_size: int, pad_id: in
         pad_id: id written into padding positions (never attended to by real tokens, never a label).
 
     Raises:
-        ValueError: a trajectory with no response tokens or mismatched log-probs (names its index).
+        ValueError: a trajectory with no prompt or response tokens or mismatched log-probs (names its
+            index).
     """
     if micro_batch_size < 1:
         raise ValueError(f"train.micro_batch_size: expected >= 1, found {micro_batch_size}")
@@ -84,6 +85,8 @@ def pack_microbatches(trajs: list[Trajectory], micro_batch_size: int, pad_id: in
         for i, t in enumerate(chunk, start):
             if len(t.response_ids) == 0:
                 raise ValueError(f"trajectory {i}: expected at least one response token, found none")
+            if len(t.prompt_ids) == 0:  # label position p - 1 predicts response token 0: p must be >= 1
+                raise ValueError(f"trajectory {i}: expected at least one prompt token, found none")
             if len(t.rollout_logprobs) != len(t.response_ids):
                 raise ValueError(f"trajectory {i}: expected one rollout log-prob per response token "
                                  f"({len(t.response_ids)}), found {len(t.rollout_logprobs)}")
