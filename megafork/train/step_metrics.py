@@ -30,7 +30,8 @@ def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, time
     g = run.groups
     token_stats = None
     if g.is_last_stage:
-        token_stats = _token_stats(mbs, sums, g)
+        # The threshold too: with PP > 1 rank 0 (the logger) is on the first stage, where it is NaN.
+        token_stats = {**_token_stats(mbs, sums, g), "entropy_threshold": threshold}
     token_stats = broadcast_from(token_stats, src=reporter_rank(g))
     lr = float(run.optimizer.param_groups[0]["lr"])
     seconds = timer.as_metrics()
@@ -39,7 +40,7 @@ def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, time
         "reward_mean": rstats.reward_mean, "accuracy": rstats.accuracy,
         "response_len_mean": rstats.response_len_mean, "truncated_fraction": rstats.truncated_fraction,
         "groups_kept": rstats.groups_kept, "groups_short": rstats.groups_short,
-        "sampling_rounds": rstats.rounds, "lr": lr, "entropy_threshold": threshold,
+        "sampling_rounds": rstats.rounds, "lr": lr,
         **token_stats,
         **seconds,
     }
