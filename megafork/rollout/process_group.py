@@ -1,7 +1,7 @@
 """The weight-update process group between trainer rank 0 and rollout engines, built SGLang's way.
 
 Both sides run the same three steps as `sglang.srt.utils.common.init_custom_process_group`:
-TCP rendezvous at `master_address:master_port` -> `PrefixStore(group_name, store)` ->
+TCP store at `master_address:master_port` -> `PrefixStore(group_name, store)` ->
 `_new_process_group_helper(world_size, rank, [], backend, store, group_name=...)`. The default
 process group (the trainer's own, if any) is left untouched, so a megafork trainer can feed a real
 SGLang server and an SGLang-style trainer (verl, slime) can feed `megafork serve`.
@@ -36,9 +36,11 @@ def init_weight_update_group(
     if not group_name:
         raise ValueError("group_name: must be a non-empty string")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
-                                                   timeout=timeout))
-    store.set_timeout(timeout)
+    # The store `c10d.rendezvous("tcp://...")` would make, built directly: inside a torchrun worker
+    # (TORCHELASTIC_USE_AGENT_STORE=True) rendezvous makes every rank a client of the elastic agent's
+    # store, so trainer rank 0 would never host this group's store and both sides would wait forever.
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                          multi_tenant=True)
     store = c10d.PrefixStore(group_name, store)
     pg, _ = c10d._new_process_group_helper(
         world_size, rank, [], c10d.Backend(backend), store,

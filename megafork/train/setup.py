@@ -53,6 +53,8 @@ def build_run(cfg, groups) -> Run:
     eval_dataset = PromptDataset.from_config(cfg.data, tokenizer, path=cfg.eval.path) if cfg.eval.path else None
     # Rank 0 draws every prompt (it drives the engine); all ranks keep the same sampler state.
     sampler = PromptSampler(len(dataset), cfg.train.prompts_per_step, cfg.train.seed, cfg.data.shuffle)
+    # The engine too: an unreachable server should stop the run before model loading.
+    engine, sender = _build_engine(cfg) if groups.rank == 0 else (None, None)
 
     opts = Qwen3BuildOptions(dtype=_DTYPES[cfg.model.dtype],
                              spec="te" if cfg.model.transformer_impl == "transformer_engine" else "local",
@@ -80,9 +82,8 @@ def build_run(cfg, groups) -> Run:
         local_ratio=fk.ratio if fk.scope == "local" else None, local_mode=fk.mode if fk.scope == "local" else "top")
     run = Run(cfg=cfg, groups=groups, model=chunks, optimizer=optimizer, scheduler=scheduler,
               vocab_size=hf.vocab_size, loss_cfg=loss_cfg, tokenizer=tokenizer, dataset=dataset,
-              eval_dataset=eval_dataset, sampler=sampler, reward_fn=get_reward(cfg.data.reward))
-    if groups.rank == 0:
-        run.engine, run.sender = _build_engine(cfg)
+              eval_dataset=eval_dataset, sampler=sampler, reward_fn=get_reward(cfg.data.reward),
+              engine=engine, sender=sender)
     return run
 
 
@@ -109,6 +110,9 @@ def _build_engine(cfg):
 def _check_layout(cfg, groups) -> None:
     """Rules that depend on the DP size (the rest is checked when the config loads)."""
     dp = groups.dp_size
+    if groups.cp_size > 1:
+        raise ValueError(f"parallel.cp: expected 1 (the trainer does not yet split sequences over context-parallel "
+                         f"ranks, so CP would train on wrong attention), found {groups.cp_size}")
     t = cfg.train
     if t.minibatch_prompts % dp:
         raise ValueError(f"train.minibatch_prompts: expected a multiple of the data-parallel size {dp}, "
