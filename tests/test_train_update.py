@@ -272,9 +272,11 @@ def test_check_layout_errors_name_the_field():
 
     with pytest.raises(ValueError, match=r"train.minibatch_prompts: expected a multiple of the data-parallel size 2, "
                                          r"found 3"):
-        _check_layout(_cfg(minibatch_prompts=3, prompts_per_step=6), SimpleNamespace(dp_size=2))
+        _check_layout(_cfg(minibatch_prompts=3, prompts_per_step=6), SimpleNamespace(dp_size=2, cp_size=1))
     with pytest.raises(ConfigError, match=r"forking.mode: expected 'top' or 'bottom' with scope 'local'.*'random'"):
         ForkingConfig(scope="local", mode="random")
     with pytest.raises(ValueError, match=r"split_for_dp: expected whole groups of algo.n=4 trajectories, found 6"):
         split_for_dp([None] * 6, 4, minibatch_prompts=2, dp_size=1)
-    _check_layout(_cfg(), SimpleNamespace(dp_size=2))  # the good layout passes
+    with pytest.raises(ValueError, match=r"parallel.cp: expected 1 .*found 2"):
+        _check_layout(_cfg(), SimpleNamespace(dp_size=1, cp_size=2))
+    _check_layout(_cfg(), SimpleNamespace(dp_size=2, cp_size=1))  # the good layout passes

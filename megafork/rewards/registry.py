@@ -35,14 +35,31 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def get_reward(name: str) -> RewardFn:
-    """The reward function registered as `name`.
+    """The reward function registered as `name`, or imported from `"package.module:function"`.
+
+    The import form lets `data.reward=my_rewards:score` plug a user's verifier into
+    `megafork train` without editing megafork (the module is imported in every trainer process).
 
     Args:
-        name: a registered name.
+        name: a registered name, or "module:attribute".
 
     Raises:
         KeyError: naming the unknown name and listing the known ones.
+        ImportError / AttributeError / TypeError: the "module:attribute" form names nothing callable.
     """
+    if ":" in name:
+        import importlib
+
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ImportError(f"data.reward={name!r}: expected an importable module {module_name!r}, found none "
+                              f"({e})") from e
+        fn = getattr(module, attr, None)
+        if not callable(fn):
+            raise TypeError(f"data.reward={name!r}: expected a callable {attr!r} in {module_name}, found {fn!r}")
+        return fn
     if name not in _REGISTRY:
         raise KeyError(f"reward {name!r} is not registered; known rewards: {sorted(_REGISTRY)}")
     return _REGISTRY[name]

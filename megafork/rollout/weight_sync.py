@@ -306,11 +306,19 @@ def sync_weights(sender, named_tensors: Iterable[tuple[str, torch.Tensor]],
         named_tensors: the export iterator.
         weight_version: passed to the engines.
     """
+    named_tensors = iter(named_tensors)
     if sender is None:
         for _ in named_tensors:
             pass
         return None
-    return sender.send(named_tensors, weight_version=weight_version)
+    try:
+        return sender.send(named_tensors, weight_version=weight_version)
+    except BaseException:
+        # The other ranks are inside the export's TP gathers / PP sends: finish walking it so
+        # they complete, then fail, instead of leaving them in a collective until the timeout.
+        for _ in named_tensors:
+            pass
+        raise
 
 
 def _free_port() -> int:

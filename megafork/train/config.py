@@ -163,7 +163,8 @@ class DataConfig:
 
     Attributes:
         train_path: jsonl or parquet file of {"prompt", "answer"} or DAPO-Math-17k rows.
-        reward: registered reward name (`megafork.rewards.known_rewards()`).
+        reward: registered reward name (`megafork.rewards.known_rewards()`), or "module:function"
+            to import your own `(response_text, answer) -> float` verifier.
         max_prompt_len: prompts longer than this many tokens are bad rows (paper: 2,048).
         on_bad_row: "error" stops at the first bad row; "skip" drops it, counts and logs it.
         shuffle: reshuffle every epoch (deterministically, from `train.seed`).
@@ -179,6 +180,12 @@ class DataConfig:
         _check_types(self, "data")
         _positive(self, "data", "max_prompt_len")
         _require(bool(self.reward), "data.reward", "a registered reward name", self.reward)
+        from megafork.rewards import get_reward
+
+        try:
+            get_reward(self.reward)
+        except (KeyError, ImportError, TypeError) as e:
+            raise ConfigError(f"data.reward: {e.args[0] if e.args else e}") from e
 
 
 @dataclass

@@ -79,6 +79,8 @@ def train(cfg) -> dict:
         summary["final_accuracy"] = _eval(run, cfg.train.steps)
     summary.update(steps=cfg.train.steps, wall_seconds=time.perf_counter() - t_start)
     logger.close()
+    if hasattr(run.sender, "close"):  # leave no weight-update group open on the servers
+        run.sender.close()
     if groups.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -27,6 +27,7 @@ class RolloutStats:
     prompts_generated: int = 0
     groups_kept: int = 0
     groups_short: int = 0
+    groups_aborted: int = 0
     reward_mean: float = 0.0
     accuracy: float = 0.0
     response_len_mean: float = 0.0
@@ -101,6 +102,12 @@ def collect_rollouts(engine, dataset, sampler, tokenizer, reward_fn, cfg, step: 
         all_trunc += truncated
         keep = (informative_groups(acc_t, n) if cfg.algo.dynamic_sampling
                 else torch.ones(len(prompts), dtype=torch.bool))
+        # A group with an aborted (engine paused mid-request) or empty response is not a sample of
+        # the policy: drop it whole, since GRPO needs all n responses of a prompt.
+        broken = torch.tensor([s.finish_reason == "abort" or len(s.response_ids) == 0 for s in samples])
+        broken = broken.view(-1, n).any(dim=1)
+        stats.groups_aborted += int(broken.sum())
+        keep &= ~broken
         adv = grpo_advantages(shaped, n, eps=cfg.algo.adv_eps)
         for g in range(len(prompts)):
             if not keep[g] or len(kept) >= want:

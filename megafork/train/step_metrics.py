@@ -40,6 +40,7 @@ def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, time
         "reward_mean": rstats.reward_mean, "accuracy": rstats.accuracy,
         "response_len_mean": rstats.response_len_mean, "truncated_fraction": rstats.truncated_fraction,
         "groups_kept": rstats.groups_kept, "groups_short": rstats.groups_short,
+        "groups_aborted": rstats.groups_aborted,
         "sampling_rounds": rstats.rounds, "lr": lr,
         **token_stats,
         **seconds,
@@ -57,7 +58,7 @@ def _token_stats(mbs, sums: dict, g) -> dict:
         "selected_count": float(sel[resp].sum()) if sel is not None else float(sums.get("selected", 0.0)),
         "gap_sum": float((old - rollout).abs().sum()) if old.numel() else 0.0,
         "tokens": float(sum(mb.tokens.numel() for mb in mbs)),
-        **{k: v for k, v in sums.items() if k not in ("grad_norm", "skipped_updates")},
+        **{k: v for k, v in sums.items() if k not in ("grad_norm", "grad_norm_max", "skipped_updates")},
     }
     tot = reduce_sums(local, g.dp_cp, g.device)
     n_resp, n_sel = max(tot["response_tokens"], 1.0), max(tot.get("selected", tot["selected_count"]), 1.0)
@@ -66,7 +67,8 @@ def _token_stats(mbs, sums: dict, g) -> dict:
         "selected_fraction": tot["selected_count"] / n_resp,
         "logprob_gap": tot["gap_sum"] / n_resp,
         "tokens": tot["tokens"],
-        "grad_norm": sums.get("grad_norm", math.nan),
+        "grad_norm": sums.get("grad_norm", math.nan),  # mean over the step's optimizer steps
+        "grad_norm_max": sums.get("grad_norm_max", math.nan),
         "skipped_updates": sums.get("skipped_updates", 0.0),  # same on every rank: not summed
         "loss": tot.get("loss_sum", math.nan) / max(tot.get("normalizer", 0.0), 1.0),
         "clip_fraction_low": tot.get("clipfrac_low_sum", 0.0) / n_sel,

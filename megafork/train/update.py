@@ -116,7 +116,9 @@ def train_minibatches(model_chunks, optimizer, microbatches: list[MicroBatch],
         for res in out if groups.is_last_stage else []:
             for k, v in res.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-    totals["grad_norm"] = grad_norms[-1] if grad_norms else float("nan")
+    # One norm per optimizer step (mini-batch): report their mean and max.
+    totals["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+    totals["grad_norm_max"] = max(grad_norms) if grad_norms else float("nan")
     return totals
 
 
