@@ -174,3 +174,25 @@ def test_resume_is_bit_exact_at_dp2(tmp_path):
     assert {k: want[k] for k in ("initial_accuracy", "final_accuracy", "steps")} == \
         {k: got[k] for k in ("initial_accuracy", "final_accuracy", "steps")}
 
+
+
+def test_pp2_loop_matches_one_process(tmp_path):
+    """The loop at PP=2 (1F1B, rank 0 on the first stage) reports what a single process computes."""
+    hf, train, heldout = _write_data(tmp_path)
+    common = dict(algo={"n": 4}, data={"reward": "test_has_digit"}, optim={"lr": 1e-2},
+                  train={"steps": 2, "save_every": 0}, eval={"every": 0})
+    one = _config(hf, train, heldout, tmp_path / "runs", log={"run_name": "one"}, **common)
+    pp2 = _config(hf, train, heldout, tmp_path / "runs", log={"run_name": "pp2"},
+                  parallel={"tp": 1, "pp": 2, "backend": "gloo"}, **common)
+    run_ranks(_loop_worker, 1, args=(one, 0), init_process_group=False, timeout=300)
+    run_ranks(_loop_worker, 2, args=(pp2, 0), init_process_group=False, timeout=300)
+
+    a, b = _rows(tmp_path / "runs" / "one")[1:], _rows(tmp_path / "runs" / "pp2")[1:]
+    assert len(a) == len(b) == 2
+    for rb in b:  # token statistics come from the last stage, logged by rank 0 on the first
+        assert rb["entropy_threshold"] == rb["entropy_p80"], rb["entropy_threshold"]
+        assert rb["logprob_gap"] < 1e-4  # the export visits both stages: the engine has the trained weights
+    ra, rb = a[0], b[0]  # step 1: same rollouts, so the same batch through both layouts
+    assert ra["grad_norm"] > 0 and ra["selected_count"] == rb["selected_count"]
+    for key in ("loss", "grad_norm", "entropy_threshold", "entropy_p50", "clip_fraction_low", "logprob_gap"):
+        assert abs(ra[key] - rb[key]) <= 1e-5 * max(1.0, abs(ra[key])), (key, ra[key], rb[key])
