@@ -131,6 +131,29 @@ def test_two_steps_through_megafork_serve_at_tp2(workdir, server):
     assert summary["steps"] == 2 and summary["final_accuracy"] is not None
 
 
+def test_fresh_runs_resync_a_server_an_earlier_run_trained(workdir, server):
+    """Two fresh runs in sequence against one server: the second must not sample the first's weights."""
+    hf_sums = {n: tensor_checksum(t) for n, t in load_file(str(workdir / "hf" / "model.safetensors")).items()}
+    runs = {}
+    for name in ("fresh_a", "fresh_b"):
+        served = request_json(server, "/get_weights_checksum")[1]
+        proc = _train(workdir, f"rollout.sglang_urls={server}", "train.steps=1", f"log.run_name={name}")
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+        rows = [json.loads(line) for line in (workdir / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (served, rows, proc.stderr)
+    served_b, rows_b, err_b = runs["fresh_b"]
+    _, rows_a, _ = runs["fresh_a"]
+    # Run A trained the server's weights: run B started against a stale engine, and was told so.
+    assert served_b["weight_version"] == "1", served_b["weight_version"]
+    assert any(served_b["checksums"][n] != s for n, s in hf_sums.items())
+    assert "served other weights than this run starts from" in err_b, err_b[-4000:]
+    # ...and still evaluated and sampled its own starting weights.
+    assert rows_a[0]["step"] == rows_b[0]["step"] == 0
+    assert rows_a[0]["eval_accuracy"] == rows_b[0]["eval_accuracy"], (rows_a[0], rows_b[0])
+    assert rows_a[1]["logprob_gap"] < 1e-5 and rows_b[1]["logprob_gap"] < 1e-5, (rows_a[1], rows_b[1])
+    assert rows_a[1]["accuracy"] == rows_b[1]["accuracy"] and rows_a[1]["loss"] == rows_b[1]["loss"]
+
+
 def test_dead_url_fails_fast_naming_it(workdir):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.perf_counter()

@@ -17,6 +17,7 @@ import time
 
 from megafork.distributed import init_distributed
 from megafork.train import checkpoint
+from megafork.train.engine_start import sync_engine_at_start
 from megafork.train.metrics import MetricsLogger, Timer
 from megafork.train.rollout_phase import collect_rollouts, evaluate
 from megafork.train.setup import build_run
@@ -34,8 +35,7 @@ def train(cfg) -> dict:
     run = build_run(cfg, groups)
     run_dir = cfg.log.run_dir
     start, extra = checkpoint.resume(cfg, run, run_dir)
-    if start > 0 or cfg.model.megatron_path:  # the engine was built from model.hf_path: give it these weights
-        _sync(run, start - 1)
+    sync_engine_at_start(run, start)  # an engine may serve other weights (an earlier run's): give it ours
     summary = extra.get("summary", {"initial_accuracy": None, "final_accuracy": None})
     logger = MetricsLogger(run_dir, cfg, start_step=start)
     dp_rank_of = all_dp_ranks(groups)
