@@ -11,8 +11,9 @@
 
 Each item the data iterator yields is a `megafork.train.batch.MicroBatch` (or any object with
 the same attribute names): `tokens`, `position_ids`, `labels`, `response_mask`,
-`old_logprobs`, `advantages` and, unless the scope is local, `fork_mask` (e.g. from
-`megafork.forking.select_forking_tokens` over the old pass's entropies).
+`old_logprobs`, `advantages`, unless the scope is local `fork_mask` (e.g. from
+`megafork.forking.select_forking_tokens` over the old pass's entropies) and, with a rollout
+correction, `rollout_logprobs` (the engine's log-probs; `megafork.algo.rollout_correction`).
 
 The model must return the final hidden states on the last stage when called with
 `return_hidden=True` and expose its LM-head weight shard as `output_weight()`;
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megafork.algo.loss import check_clip
+from megafork.algo.rollout_correction import check_correction, rollout_correction
 from megafork.forking import select_forking_tokens
 from megafork.ops import fused_head_logprobs_entropy, fused_head_policy_loss
 
@@ -53,6 +55,11 @@ class PolicyLossConfig:
         local_ratio: when set, select in the training pass per micro-batch with `torch.topk`
             (scope "local", the released code); the batch's `fork_mask` is then not read.
         local_mode: "top" or "bottom" for the local selection.
+        rollout_correction: "none", "token_tis", "seq_tis" or "seq_mask": weights the token
+            losses by π_old/π_rollout (see `megafork.algo.rollout_correction`).
+        rollout_is_cap: truncation of the correction weights.
+        rollout_mask_low, rollout_mask_high: geometric-mean bounds of "seq_mask"; masked
+            sequences leave the loss and its token count.
     """
 
     clip_low: float = 0.2
@@ -63,9 +70,14 @@ class PolicyLossConfig:
     chunk_size: int | None = None
     local_ratio: float | None = None
     local_mode: str = "top"
+    rollout_correction: str = "none"
+    rollout_is_cap: float = 2.0
+    rollout_mask_low: float = 0.999
+    rollout_mask_high: float = 1.001
 
     def __post_init__(self):
         check_clip(self.clip_low, self.clip_high, self.clip_ratio_c)
+        check_correction(self.rollout_correction, self.rollout_is_cap, self.rollout_mask_low, self.rollout_mask_high)
         if self.normalizer not in NORMALIZERS:
             raise ValueError(f"algo.normalizer: expected one of {NORMALIZERS}, found {self.normalizer!r}")
         if self.local_ratio is not None and not 0.0 < self.local_ratio <= 1.0:
@@ -131,7 +143,7 @@ def policy_loss_func(cfg: PolicyLossConfig, tp_group, vocab_size: int, batch, mo
     h = _flat_hidden(hidden)
     weight = model.output_weight()
     labels = batch.labels.reshape(-1)
-    response = batch.response_mask.reshape(-1)
+    weights, response = correction_for(cfg, batch)
     if cfg.local_ratio is not None:
         with torch.no_grad():
             _, ent = fused_head_logprobs_entropy(h.detach(), weight.detach(), labels, tp_group=tp_group,
@@ -147,7 +159,7 @@ def policy_loss_func(cfg: PolicyLossConfig, tp_group, vocab_size: int, batch, mo
         h, weight, labels, batch.old_logprobs.reshape(-1), batch.advantages.reshape(-1), fork,
         tp_group=tp_group, temperature=cfg.temperature, vocab_size=vocab_size, chunk_size=cfg.chunk_size,
         clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_ratio_c=cfg.clip_ratio_c, normalizer=1.0,
-        response_mask=response)
+        response_mask=response, is_weights=weights)
     count = response.sum() if cfg.normalizer == "all_tokens" else fork.sum()
     n_sel = fork.sum().to(torch.float32)
     metrics = {
@@ -155,12 +167,28 @@ def policy_loss_func(cfg: PolicyLossConfig, tp_group, vocab_size: int, batch, mo
         "loss_sum": loss.detach().to(torch.float32),
         "normalizer": count.to(torch.float32),
         "selected": n_sel,
-        "response_tokens": response.sum().to(torch.float32),
+        "response_tokens": batch.response_mask.sum().to(torch.float32),
         "clipfrac_low_sum": m["clipfrac_low"] * n_sel,
         "clipfrac_high_sum": m["clipfrac_high"] * n_sel,
         "approx_kl_sum": m["approx_kl"] * n_sel,
     }
     return loss, count.to(torch.int), metrics
+
+
+def correction_for(cfg: PolicyLossConfig, batch) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(flat per-token correction weights or None, flat response mask of the kept sequences).
+
+    Rows of the micro-batch are sequences; "seq_mask" drops rejected rows from the response
+    mask, so they leave both the loss and the token count the gradients are divided by.
+    """
+    if cfg.rollout_correction == "none":
+        return None, batch.response_mask.reshape(-1)
+    if getattr(batch, "rollout_logprobs", None) is None or batch.old_logprobs is None:
+        raise ValueError(f"micro-batch.rollout_logprobs: rollout_correction={cfg.rollout_correction!r} needs the "
+                         "engine's log-probs and the old pass's old_logprobs, found None")
+    corr = rollout_correction(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask, cfg.rollout_correction,
+                              cfg.rollout_is_cap, cfg.rollout_mask_low, cfg.rollout_mask_high)
+    return corr.weights.reshape(-1), corr.keep.reshape(-1)
 
 
 def logprob_forward_step(tp_group: dist.ProcessGroup | None, vocab_size: int, temperature: float = 1.0,

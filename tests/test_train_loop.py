@@ -31,6 +31,7 @@ DOCUMENTED_KEYS = {
     "entropy_threshold", "selected_fraction", "selected_count", "clip_fraction_low", "clip_fraction_high",
     "grad_norm", "seconds_rollout", "seconds_old_pass", "seconds_update", "seconds_sync", "logprob_gap",
     "tokens_per_second", "loss", "lr",
+    "mismatch_kl", "is_weight_mean", "is_weight_max", "is_truncated_fraction", "is_masked_fraction",
 }
 
 
@@ -85,7 +86,7 @@ def test_two_step_smoke_run_through_the_cli_at_tp2(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megafork",
-         "train", "--config", str(cfg_path), "train.save_every=2"],
+         "train", "--config", str(cfg_path), "train.save_every=2", "algo.rollout_correction=seq_mask"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     run_dir = tmp_path / "runs" / "smoke"
@@ -102,6 +103,9 @@ def test_two_step_smoke_run_through_the_cli_at_tp2(tmp_path):
         assert 0.2 <= r["selected_fraction"] < 0.3, r["selected_fraction"]
         # The engine samples from exactly the trainer's weights (initial HF weights, then synced).
         assert r["logprob_gap"] < 1e-4, r["logprob_gap"]
+        # So the correction (seq_mask: geometric-mean mask + token TIS) keeps everything at weight ~1.
+        assert 0.0 <= r["mismatch_kl"] < 1e-8 and r["is_masked_fraction"] == r["is_truncated_fraction"] == 0.0, r
+        assert abs(r["is_weight_mean"] - 1.0) < 1e-4 and abs(r["is_weight_max"] - 1.0) < 1e-4, r
         assert all(r[k] >= 0 for k in ("seconds_rollout", "seconds_old_pass", "seconds_update", "seconds_sync"))
 
     summary = json.loads((run_dir / "summary.json").read_text())

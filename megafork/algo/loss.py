@@ -10,7 +10,10 @@ the per-token loss is
 
     l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
     l = min(l, -A clip_ratio_c)            only where A < 0, when clip_ratio_c is set (dual clip)
-    loss = sum(l * loss_mask) / normalizer
+    loss = sum(w * l * loss_mask) / normalizer
+
+where w is an optional detached per-token weight (`is_weights`, the rollout-mismatch importance
+weight of `megafork.algo.rollout_correction`; 1 when not given).
 
 `dapo_token_loss` returns l and dl/dlogprob elementwise. The fused LM head
 (`megafork.ops.fused_head_policy_loss`) calls it to form its gradient in the forward pass, so
@@ -179,6 +182,7 @@ def dapo_policy_loss(
     *,
     entropy: torch.Tensor | None = None,
     response_mask: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DAPO clip-higher loss summed over `loss_mask` tokens and divided by `normalizer`.
 
@@ -194,6 +198,8 @@ def dapo_policy_loss(
         entropy: optional [...] per-token entropy, for the `entropy_selected` metric.
         response_mask: optional [...] mask of all response tokens, for `entropy_all`; needs
             `entropy`.
+        is_weights: optional [...] detached weights multiplying each token's loss (and so its
+            gradient): the rollout-correction weights; None means 1.
 
     Returns:
         (loss, metrics): a scalar loss, and detached scalars `clipfrac_low`, `clipfrac_high`,
@@ -213,6 +219,8 @@ def dapo_policy_loss(
     floats = {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages}
     if entropy is not None:
         floats["entropy"] = entropy
+    if is_weights is not None:
+        floats["is_weights"] = is_weights
     masks = {"loss_mask": loss_mask}
     if response_mask is not None:
         masks["response_mask"] = response_mask
@@ -221,6 +229,8 @@ def dapo_policy_loss(
     check_clip(clip_low, clip_high, clip_ratio_c)
     norm = resolve_normalizer(normalizer, mask)
     token_loss, _ = dapo_token_loss(logprobs, old_logprobs, advantages, clip_low, clip_high, clip_ratio_c)
+    if is_weights is not None:
+        token_loss = token_loss * is_weights.detach().to(token_loss.dtype)
     loss = torch.where(mask, token_loss, torch.zeros_like(token_loss)).sum() / norm
     metrics = dapo_metrics(logprobs.detach(), old_logprobs, advantages, mask, clip_low, clip_high,
                            clip_ratio_c, entropy, response)

@@ -33,6 +33,8 @@ METRIC_KEYS = (
     "entropy_p50", "entropy_p80", "entropy_p95", "entropy_threshold", "selected_fraction", "selected_count",
     "clip_fraction_low", "clip_fraction_high", "grad_norm", "lr", "logprob_gap",
     "seconds_rollout", "seconds_old_pass", "seconds_update", "seconds_sync", "tokens_per_second",
+    "mismatch_kl", "is_weight_mean", "is_weight_max", "is_truncated_fraction", "is_masked_fraction",
+    "staleness_mean", "staleness_max",
 )
 DUMP_RE = re.compile(r"^entropy_step(\d+)\.pt$")
 DUMP_FIELDS = {"token_ids": torch.int64, "entropy": torch.float32, "selected": torch.bool,

@@ -112,6 +112,7 @@ def fused_head_policy_loss(
     clip_ratio_c: float | None = None,
     normalizer: float | torch.Tensor | None = None,
     response_mask: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DAPO loss from hidden states and the LM-head weight shard, gradients formed in the forward.
 
@@ -133,6 +134,9 @@ def fused_head_policy_loss(
         normalizer: the global token count the summed loss is divided by; None means the local
             loss_mask count (single process only).
         response_mask: optional [T] mask of all response tokens, for the `entropy_all` metric.
+        is_weights: optional [T] detached per-token weights multiplying the token losses and
+            their gradients (rollout correction, `megafork.algo.rollout_correction`); a zero
+            weight also skips the row's gradient GEMMs.
 
     Returns:
         (loss, metrics): the scalar loss (differentiable w.r.t. hidden and weight_shard when they
@@ -147,12 +151,15 @@ def fused_head_policy_loss(
     masks = {"loss_mask": loss_mask}
     if response_mask is not None:
         masks["response_mask"] = response_mask
-    masks = check_token_tensors(labels.shape, hidden.device,
-                                {"old_logprobs": old_logprobs, "advantages": advantages}, masks)
+    floats = {"old_logprobs": old_logprobs, "advantages": advantages}
+    if is_weights is not None:
+        floats["is_weights"] = is_weights
+    masks = check_token_tensors(labels.shape, hidden.device, floats, masks)
     mask, response = masks["loss_mask"].reshape(-1), masks.get("response_mask")
     check_clip(clip_low, clip_high, clip_ratio_c)
     norm = resolve_normalizer(normalizer, mask)
     old1d, adv1d = old_logprobs.reshape(-1), advantages.reshape(-1)
+    w1d = None if is_weights is None else is_weights.detach().reshape(-1)
 
     grad_on = torch.is_grad_enabled()
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight_shard.requires_grad
@@ -177,6 +184,8 @@ def fused_head_policy_loss(
                 continue
             _, dl = dapo_token_loss(st.logprob, old1d[a:b].to(cd), adv1d[a:b].to(cd),
                                     clip_low, clip_high, clip_ratio_c)
+            if w1d is not None:
+                dl = dl * w1d[a:b].to(cd)
             g = torch.where(mask[a:b], dl, torch.zeros_like(dl)) * scale
             rows = nonzero_rows(b - a, h.device, g)
             if rows is not None and rows.numel() == 0:
@@ -194,6 +203,8 @@ def fused_head_policy_loss(
 
     lp, ent = logprob.view(labels.shape), entropy.view(labels.shape)
     token_loss, _ = dapo_token_loss(lp, old_logprobs.to(cd), advantages.to(cd), clip_low, clip_high, clip_ratio_c)
+    if is_weights is not None:
+        token_loss = token_loss * is_weights.detach().to(cd)
     loss = torch.where(mask.view(labels.shape), token_loss, torch.zeros_like(token_loss)).sum() / norm
     metrics = dapo_metrics(lp, old_logprobs, advantages, mask.view(labels.shape), clip_low, clip_high,
                            clip_ratio_c, ent, response)

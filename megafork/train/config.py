@@ -23,6 +23,7 @@ from typing import Literal
 
 import yaml
 
+from megafork.algo.rollout_correction import check_correction
 from megafork.distributed import ParallelConfig
 from megafork.train.config_types import ConfigError, _check_types, _positive, _require, coerce
 
@@ -107,6 +108,12 @@ class AlgoConfig:
         dynamic_sampling: drop groups whose rewards are all equal and generate again.
         max_sampling_rounds: generation rounds per step before giving up (and logging the shortfall).
         oversample: prompts generated per round, as a multiple of `train.prompts_per_step`.
+        rollout_correction: rollout–trainer mismatch correction (`megafork.algo.rollout_correction`):
+            "none", "token_tis" (min(π_old/π_rollout, cap) per token), "seq_tis" (the product over
+            the response, truncated) or "seq_mask" (sequences whose geometric-mean ratio leaves
+            [rollout_mask_low, rollout_mask_high] are dropped; kept ones get token TIS).
+        rollout_is_cap: truncation of the importance weights (verl/slime: 2.0).
+        rollout_mask_low, rollout_mask_high: geometric-mean bounds of "seq_mask".
     """
 
     n: int = 16
@@ -121,9 +128,18 @@ class AlgoConfig:
     dynamic_sampling: bool = True
     max_sampling_rounds: int = 10
     oversample: float = 3.0
+    rollout_correction: Literal["none", "token_tis", "seq_tis", "seq_mask"] = "none"
+    rollout_is_cap: float = 2.0
+    rollout_mask_low: float = 0.999
+    rollout_mask_high: float = 1.001
 
     def __post_init__(self):
         _check_types(self, "algo")
+        try:
+            check_correction(self.rollout_correction, self.rollout_is_cap, self.rollout_mask_low,
+                             self.rollout_mask_high)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         _require(self.n >= 2, "algo.n", "an integer >= 2 (GRPO needs a group)", self.n)
         _require(0.0 < self.clip_low < 1.0, "algo.clip_low", "a float in (0, 1)", self.clip_low)
         _positive(self, "algo", "clip_high", "adv_eps", "max_sampling_rounds", "oversample")

@@ -79,7 +79,9 @@ def build_run(cfg, groups) -> Run:
         clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, clip_ratio_c=cfg.algo.clip_ratio_c,
         normalizer=cfg.algo.normalizer, temperature=cfg.rollout.temperature,
         chunk_size=cfg.model.head_chunk_tokens,
-        local_ratio=fk.ratio if fk.scope == "local" else None, local_mode=fk.mode if fk.scope == "local" else "top")
+        local_ratio=fk.ratio if fk.scope == "local" else None, local_mode=fk.mode if fk.scope == "local" else "top",
+        rollout_correction=cfg.algo.rollout_correction, rollout_is_cap=cfg.algo.rollout_is_cap,
+        rollout_mask_low=cfg.algo.rollout_mask_low, rollout_mask_high=cfg.algo.rollout_mask_high)
     run = Run(cfg=cfg, groups=groups, model=chunks, optimizer=optimizer, scheduler=scheduler,
               vocab_size=hf.vocab_size, loss_cfg=loss_cfg, tokenizer=tokenizer, dataset=dataset,
               eval_dataset=eval_dataset, sampler=sampler, reward_fn=get_reward(cfg.data.reward),

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from megafork.algo.rollout_correction import correction_metrics, correction_sums, rollout_correction
 from megafork.analysis.io import write_entropy_dump
 from megafork.forking import topk_threshold
 from megafork.train.shard import broadcast_from, response_tokens
@@ -31,7 +32,8 @@ def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, time
     token_stats = None
     if g.is_last_stage:
         # The threshold too: with PP > 1 rank 0 (the logger) is on the first stage, where it is NaN.
-        token_stats = {**_token_stats(mbs, sums, g), "entropy_threshold": threshold}
+        token_stats = {**_token_stats(mbs, sums, g), **_correction_stats(mbs, run.loss_cfg, g),
+                       "entropy_threshold": threshold}
     token_stats = broadcast_from(token_stats, src=reporter_rank(g))
     lr = float(run.optimizer.param_groups[0]["lr"])
     seconds = timer.as_metrics()
@@ -81,6 +83,25 @@ def _token_stats(mbs, sums: dict, g) -> dict:
     for name, ratio in (("entropy_p50", 0.5), ("entropy_p80", 0.2), ("entropy_p95", 0.05)):
         out[name] = topk_threshold(ent, resp, ratio, group=g.dp_cp) if ent.numel() else math.nan
     return out
+
+
+def _correction_stats(mbs, loss_cfg, g) -> dict:
+    """mismatch_kl and the importance-weight statistics of the step (see algo.rollout_correction)."""
+    keys = ("mismatch_k3_sum", "mismatch_tokens", "is_weight_sum", "is_weight_max", "is_truncated", "is_tokens",
+            "sequences", "sequences_masked")
+    local = dict.fromkeys(keys, 0.0)
+    for mb in mbs:
+        corr = rollout_correction(mb.old_logprobs, mb.rollout_logprobs, mb.response_mask, loss_cfg.rollout_correction,
+                                  loss_cfg.rollout_is_cap, loss_cfg.rollout_mask_low, loss_cfg.rollout_mask_high)
+        loss_mask = mb.fork_mask if mb.fork_mask is not None else mb.response_mask
+        part = correction_sums(corr, mb.old_logprobs, mb.rollout_logprobs, mb.response_mask, loss_mask,
+                               loss_cfg.rollout_is_cap)
+        for k in keys:
+            local[k] = max(local[k], part[k]) if k == "is_weight_max" else local[k] + part[k]
+    w_max = torch.tensor([local.pop("is_weight_max")], dtype=torch.float64, device=g.device)
+    if g.dp_cp is not None:
+        dist.all_reduce(w_max, op=dist.ReduceOp.MAX, group=g.dp_cp)
+    return correction_metrics({**reduce_sums(local, g.dp_cp, g.device), "is_weight_max": float(w_max)})
 
 
 def _flat(mbs, field):
