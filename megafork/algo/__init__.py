@@ -2,7 +2,12 @@
 dynamic sampling."""
 from megafork.algo.advantages import grpo_advantages, token_advantages
 from megafork.algo.loss import dapo_policy_loss, dapo_token_loss
-from megafork.algo.rollout_correction import CORRECTIONS, correction_metrics, correction_sums, rollout_correction
+from megafork.algo.rollout_correction import (
+    CORRECTIONS,
+    correction_metrics,
+    correction_sums,
+    rollout_correction,
+)
 from megafork.algo.shaping import expand_group_mask, informative_groups, overlong_penalty
 
 __all__ = [
