@@ -217,9 +217,17 @@ def test_killed_save_leaves_previous_checkpoint(hf_dir, tmp_path):
 # Resume resolution and errors (no ranks needed).
 
 def _fake_checkpoint(path: Path, step: int, files=("metadata.json", ".metadata", "common.pt")) -> Path:
+    """A checkpoint directory that passes validation but holds no state (resolution tests only)."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
     path.mkdir(parents=True)
+    contents = {"metadata.json": lambda f: f.write_text(json.dumps({"sharded_backend": "torch_dist"})),
+                ".metadata": lambda f: f.write_bytes(pickle.dumps(Metadata(state_dict_metadata={}, storage_data={}))),
+                "common.pt": lambda f: torch.save({}, f)}
     for f in files:
-        (path / f).write_text("x")
+        contents[f](path / f)
     (path / ckpt.META_FILE).write_text(json.dumps({
         "format_version": ckpt.FORMAT_VERSION, "step": step, "world_size": 1, "model_keys": ["model"],
         "has_optimizer_state": True}))
@@ -263,3 +271,105 @@ def test_resume_resolution_and_errors(tmp_path, caplog):
     (root / "latest").write_text("step_0000007\n")
     assert ckpt.latest_checkpoint(root) == s2
     assert "step_0000007" in caplog.text and "not usable" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# Damaged checkpoints: resume falls back to the newest valid one; a failed load names the file.
+
+def _corrupt(step_dir: Path, how: str) -> None:
+    def truncate(name, keep):
+        f = step_dir / name
+        f.write_bytes(f.read_bytes()[:keep])
+
+    if how == "common.pt deleted":
+        (step_dir / "common.pt").unlink()
+    elif how == "meta truncated":
+        truncate(ckpt.META_FILE, 40)
+    elif how == "distcp truncated":
+        truncate("__0_0.distcp", 1000)
+    elif how == "metadata truncated":
+        truncate(".metadata", 500)
+    elif how == "common.pt truncated":
+        truncate("common.pt", 1000)
+    else:
+        raise AssertionError(how)
+
+
+CORRUPTIONS = ("common.pt deleted", "meta truncated", "distcp truncated", "metadata truncated", "common.pt truncated")
+
+
+def _damaged_resume(rank: int, world: int, hf_dir: str, root: str) -> dict:
+    import logging
+    import shutil
+
+    from megafork.distributed import ParallelConfig, init_distributed
+
+    groups = init_distributed(ParallelConfig(tp=1))
+    ddp, optimizer, scheduler = _build(hf_dir, groups, init_seed=1)
+    pristine = Path(root) / "pristine"
+    saved = {}
+    for step in (1, 2):
+        _train_step(ddp, optimizer, scheduler, groups)
+        ckpt.save_checkpoint(pristine, step, [ddp], optimizer, scheduler, groups, extra={"data": {"step": step}},
+                             keep_last=0)
+        saved[step] = _weights(ddp)
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("megafork.train.checkpoint").addHandler(handler)
+    out = {}
+    for how in CORRUPTIONS:
+        case = Path(root) / how.replace(" ", "_")
+        shutil.copytree(pristine, case)
+        _corrupt(case / "step_0000002", how)
+        warnings.clear()
+        path = ckpt.resolve_resume("auto", case)
+        loaded = ckpt.load_checkpoint(path, [ddp], optimizer, scheduler, groups)
+        w = _weights(ddp)
+        out[how] = {"path": path.name, "step": loaded.step, "extra": loaded.extra, "warnings": list(warnings),
+                    "equal_step1": all(torch.equal(w[k], saved[1][k]) for k in w),
+                    "kept": sorted(os.listdir(case))}
+    # A shard file whose size is right but whose stored object is garbage fails mid-load.
+    case = Path(root) / "garbage_object"
+    shutil.copytree(pristine, case)
+    shard = case / "step_0000002" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[:64] = bytes(64)  # the first stored item is a pickled _extra_state
+    shard.write_bytes(bytes(data))
+    try:
+        ckpt.load_checkpoint(case / "step_0000002", [ddp], optimizer, scheduler, groups)
+        out["garbage"] = "loaded"
+    except ckpt.CheckpointError as exc:
+        out["garbage"] = str(exc)
+    return out
+
+
+def test_damaged_latest_falls_back_to_previous_and_resumes(hf_dir, tmp_path):
+    (res,) = run_ranks(_damaged_resume, 1, args=(hf_dir, str(tmp_path)), timeout=240)
+    for how in CORRUPTIONS:
+        r = res[how]
+        assert r["path"] == "step_0000001" and r["step"] == 1 and r["extra"] == {"data": {"step": 1}}, (how, r)
+        assert r["equal_step1"], how
+        # One warning names the broken checkpoint, why, and the one used instead.
+        (msg,) = [m for m in r["warnings"] if "falling back" in m]
+        assert "step_0000002" in msg and "step_0000001" in msg, (how, msg)
+        assert r["kept"] == ["latest", "step_0000001", "step_0000002"], (how, r["kept"])  # nothing deleted
+    assert "common.pt" in res["common.pt deleted"]["warnings"][0]
+    assert "megafork_checkpoint.json: unreadable" in res["meta truncated"]["warnings"][0]
+    assert "__0_0.distcp: expected at least" in res["distcp truncated"]["warnings"][0]
+    assert ".metadata: unreadable" in res["metadata truncated"]["warnings"][0]
+    assert "common.pt: unreadable" in res["common.pt truncated"]["warnings"][0]
+    garbage = res["garbage"]
+    assert "step_0000002: loading failed" in garbage and "step_0000002/__0_0.distcp" in garbage, garbage
+    assert "does not decode" in garbage, garbage
+
+
+def test_no_valid_checkpoint_is_an_error_naming_each(tmp_path):
+    root = tmp_path / "ck"
+    for step in (1, 2):
+        _fake_checkpoint(root / ckpt.step_dir_name(step), step, files=("metadata.json", ".metadata"))
+    (root / "latest").write_text("step_0000002\n")
+    with pytest.raises(ckpt.CheckpointError, match=r"no valid checkpoint.*step_0000002.*step_0000001.*"
+                                                   r"train.resume=none"):
+        ckpt.resolve_resume("auto", root)
+    assert len(ckpt.list_checkpoints(root)) == 2  # nothing deleted

@@ -20,6 +20,7 @@ Public API:
     latest_checkpoint(root) -> Path | None
     list_checkpoints(root) -> list[Path]                          (complete ones, by step)
     validate_checkpoint(path) -> dict                             (the meta; raises CheckpointError)
+    locate_damage(path) -> str                                    (after a failed load: which file)
     sync_save_strategy(thread_count=2)                            (for any synchronous dist_checkpointing.save)
     capture_rng_state() -> dict, restore_rng_state(state) -> None
     CheckpointError(ValueError), LoadedCheckpoint(path, step, extra, rank_extra, meta)
@@ -92,6 +93,7 @@ from megafork.train.checkpoint_layout import (  # noqa: F401
     checkpoints_root,
     latest_checkpoint,
     list_checkpoints,
+    locate_damage,
     resolve_resume,
     restore_rng_state,
     step_dir_name,
@@ -351,7 +353,14 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, 
         logger.warning("checkpoint %s was saved by %d ranks with layout %s, this run has %d ranks with layout %s: "
                        "RNG states and rank_extra are not restored, so this resume is not bit-exact",
                        p, meta["world_size"], meta.get("layout"), world, layout)
-    loaded = dist_checkpointing.load(state, str(p))
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        loaded = dist_checkpointing.load(state, str(p))
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - bare EOFError, pickle errors, ...
+        lines = str(exc).strip().splitlines() or [""]
+        raise CheckpointError(f"checkpoint {p}: loading failed with {type(exc).__name__}: {lines[-1].rstrip('.'):.300}. "
+                              f"Where: {locate_damage(p)}") from exc
 
     for key, chunk in zip(model_keys, model_chunks, strict=True):
         module = getattr(chunk, "module", chunk)

@@ -115,11 +115,89 @@ def validate_checkpoint(path: str | Path) -> dict:
     missing = [f for f in ("metadata.json", ".metadata", "common.pt") if not (p / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {p}: incomplete, dist_checkpointing files {missing} are missing")
+    _check_dist_files(p)
     return meta
 
 
+def _check_dist_files(p: Path) -> None:
+    """What can be checked without loading: metadata that parses, and every shard file the
+    dist_checkpointing metadata points into present and long enough for its last byte range."""
+    import zipfile
+
+    try:
+        backend = json.loads((p / "metadata.json").read_text())
+        if not isinstance(backend, dict) or "sharded_backend" not in backend:
+            raise ValueError(f"expected a JSON object with 'sharded_backend', found {backend!r:.80}")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {p / 'metadata.json'}: unreadable ({exc})") from exc
+    if backend["sharded_backend"] == "torch_dist":
+        from torch.distributed.checkpoint import FileSystemReader
+
+        try:
+            storage = FileSystemReader(str(p)).read_metadata().storage_data
+        except Exception as exc:  # noqa: BLE001 - a truncated pickle raises anything from EOFError on
+            raise CheckpointError(f"checkpoint {p / '.metadata'}: unreadable ({type(exc).__name__}: {exc})") from exc
+        need: dict[str, int] = {}
+        for info in storage.values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+        for name, size in sorted(need.items()):
+            f = p / name
+            found = f.stat().st_size if f.is_file() else None
+            if found is None or found < size:
+                what = "no such file" if found is None else f"{found} bytes"
+                raise CheckpointError(f"checkpoint {f}: expected at least {size} bytes (the end of its last shard "
+                                      f"in {p / '.metadata'}), found {what}")
+    try:  # torch.save's zip format: a truncated or damaged common.pt fails its directory or CRCs
+        with zipfile.ZipFile(p / "common.pt") as z:
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"checkpoint {p / 'common.pt'}: unreadable ({exc})") from exc
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {p / 'common.pt'}: damaged (CRC mismatch in {bad})")
+
+
+def locate_damage(path: str | Path) -> str:
+    """Name the file (and stored object) of a checkpoint that cannot be read, for a load that failed.
+
+    Checks what `validate_checkpoint` checks, then unpickles every non-tensor object stored in the
+    shard files (tensors are raw bytes and cannot fail to decode). Returns a sentence naming the
+    damaged file, or saying that every file checks out.
+
+    Args:
+        path: the checkpoint directory.
+    """
+    import io
+
+    p = Path(path)
+    try:
+        validate_checkpoint(p)
+    except CheckpointError as exc:
+        return str(exc)
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    meta = FileSystemReader(str(p)).read_metadata()
+    for index, info in meta.storage_data.items():
+        if not isinstance(meta.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        f = p / info.relative_path
+        with f.open("rb") as fh:
+            fh.seek(info.offset)
+            raw = fh.read(info.length)
+        try:
+            torch.load(io.BytesIO(raw), weights_only=False)  # checkpoints are trusted input (module doc)
+        except Exception as exc:  # noqa: BLE001 - any decode failure marks the damage
+            return (f"{f}: the object {index.fqn!r} at bytes {info.offset}..{info.offset + info.length} "
+                    f"does not decode ({type(exc).__name__}: {exc})")
+    return f"every file of {p} checks out (sizes and stored objects)"
+
+
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest step first (temporary directories are skipped)."""
+    """Checkpoints under `root` whose save finished (they have the meta file), oldest step first.
+
+    Temporary directories are skipped. A listed checkpoint may still be damaged; see
+    `validate_checkpoint`.
+    """
     r = Path(root)
     if not r.is_dir():
         return []
@@ -132,32 +210,47 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    """The checkpoint `root/latest` names; None when the run has none.
+    """The newest usable checkpoint: the one `root/latest` names, else the newest valid `step_N`.
 
-    If `latest` is absent or names a directory that is not a complete checkpoint (e.g. removed by
-    hand), the newest complete `step_N` is used and a warning says so.
+    A checkpoint that fails `validate_checkpoint` (files missing, truncated or unparsable) is
+    skipped with a warning naming it, why, and the checkpoint used instead. Nothing is deleted:
+    the broken directory stays for inspection.
 
     Args:
         root: the checkpoints directory of a run (`checkpoints_root(run_dir)`).
+
+    Raises:
+        CheckpointError: there are checkpoints but none is valid (each named with its problem).
     """
     r = Path(root)
     pointer = r / LATEST_FILE
-    complete = list_checkpoints(r)
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        target = r / name
+    candidates = list(reversed(list_checkpoints(r)))
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None:
+        candidates = [r / named] + [c for c in candidates if c.name != named]
+    elif candidates:
+        logger.warning("%s has checkpoints but no %r pointer; using the newest valid one", r, LATEST_FILE)
+    broken = []
+    for c in candidates:
         try:
-            validate_checkpoint(target)
-            return target
+            validate_checkpoint(c)
         except CheckpointError as exc:
-            fallback = complete[-1] if complete else None
-            logger.warning("%s names %r, which is not usable (%s); using %s instead", pointer, name, exc,
-                           fallback if fallback is not None else "no checkpoint (fresh start)")
-            return fallback
-    if complete:
-        logger.warning("%s has checkpoints but no %r pointer; using the newest, %s", r, LATEST_FILE, complete[-1])
-        return complete[-1]
+            broken.append((c, exc))
+            continue
+        if broken:
+            logger.warning("%s; falling back to %s, the newest valid checkpoint (nothing was deleted)",
+                           "; ".join(_why(b, e, named) for b, e in broken), c)
+        return c
+    if broken:
+        raise CheckpointError(f"{r}: no valid checkpoint to resume from: "
+                              f"{'; '.join(_why(b, e, named) for b, e in broken)}. Nothing was deleted; repair or "
+                              "move them away, or start fresh with train.resume=none")
     return None
+
+
+def _why(path: Path, exc: CheckpointError, named: str | None) -> str:
+    by = f"{LATEST_FILE} names {path.name}, which" if path.name == named else f"{path}"
+    return f"{by} is not usable ({exc})"
 
 
 def resolve_resume(resume: str, root: str | Path) -> Path | None:
