@@ -137,3 +137,62 @@ def test_example_configs_load(name):
         assert (c.algo.n, c.train.prompts_per_step, c.train.minibatch_prompts) == (16, 512, 32)
         assert (c.optim.lr, c.optim.weight_decay, c.rollout.max_response_len) == (1e-6, 0.1, 20480)
         assert c.eval.top_p == 0.7 and c.model.transformer_impl == "transformer_engine"
+
+
+@pytest.mark.parametrize("override", ["optim.lr=inf", "algo.oversample=inf", "optim.min_lr=nan",
+                                      "algo.clip_high=-inf", "rollout.temperature=1e999"])
+def test_non_finite_floats_are_rejected(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}: expected a finite number, found -?(inf|nan)$"):
+        load_config(None, [override])
+
+
+def test_a_field_may_document_inf():
+    import dataclasses
+
+    from megafork.train.config_types import _check_types
+
+    @dataclasses.dataclass
+    class Section:
+        cap: float = dataclasses.field(default=float("inf"), metadata={"allow_inf": True})
+        lr: float = 1.0
+
+    _check_types(Section(), "s")  # inf where documented is fine
+    with pytest.raises(ConfigError, match=r"s.cap: expected a finite number, found nan"):
+        _check_types(Section(cap=float("nan")), "s")
+    with pytest.raises(ConfigError, match=r"s.lr: expected a finite number, found inf"):
+        _check_types(Section(lr=float("inf")), "s")
+
+
+def test_train_cli_preflight_names_key_and_how_to_launch(tmp_path, capsys, monkeypatch):
+    from megafork.testing.tiny_qwen3 import make_tiny_qwen3
+    from megafork.train.cli import main
+
+    hf = make_tiny_qwen3(tmp_path / "hf")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def fails(*overrides) -> str:
+        with pytest.raises(SystemExit) as info:
+            main(["--config", str(EXAMPLES / "tiny_cpu.yaml"), f"log.dir={tmp_path / 'runs'}", *overrides])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "--model" not in err, err  # a serve flag means nothing to train
+        return err
+
+    assert "model.hf_path: expected an HF model directory" in fails("model.hf_path=", f"data.train_path={data}")
+    assert "found an empty path" in fails("model.hf_path=", f"data.train_path={data}")
+    assert "data.train_path: expected a .jsonl or .parquet file of prompts, found an empty path" in fails(
+        f"model.hf_path={hf}", "data.train_path=")
+    (hf / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+    err = fails(f"model.hf_path={hf}", f"data.train_path={data}")
+    assert f"model.hf_path: expected a tokenizer in {hf} ({hf / 'tokenizer.json'})" in err, err
+    (tmp_path / "tokenizer.json").rename(hf / "tokenizer.json")
+    (hf / "config.json").unlink()
+    assert f"model.hf_path: expected {hf / 'config.json'}, found no such file" in fails(
+        f"model.hf_path={hf}", f"data.train_path={data}")
+    hf = make_tiny_qwen3(tmp_path / "hf2")
+    err = fails(f"model.hf_path={hf}", f"data.train_path={data}", "eval.path=", "parallel.tp=2", "parallel.pp=2")
+    assert "parallel.tp=2 x parallel.pp=2 x parallel.cp=1: expected at least 4 processes, found 1" in err, err
+    assert f"torchrun --nproc_per_node=4 -m megafork train --config {EXAMPLES / 'tiny_cpu.yaml'}" in err, err

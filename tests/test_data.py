@@ -156,3 +156,24 @@ def test_sampler_errors():
         PromptSampler(11, 4, seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match="position"):
         PromptSampler(10, 4, seed=0).load_state_dict({**state, "position": 10})
+
+
+def test_undecodable_lines_are_bad_rows_and_unreadable_files_name_the_path(tmp_path, tok):
+    good = [json.dumps({"prompt": f"Compute {i}+1.", "answer": str(i + 1)}).encode() for i in range(2)]
+    latin1 = '{"prompt": "Caf\xe9 1+1.", "answer": "2"}'.encode("latin-1")  # 0xe9 alone is not UTF-8
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join([good[0], latin1, good[1]]) + b"\n")
+    with pytest.raises(BadRowError, match=r"mixed.jsonl:line 2: expected UTF-8 text, found byte 0xe9 at column 16"):
+        PromptDataset(path, tok, on_bad_row="error")
+    ds = PromptDataset(path, tok, on_bad_row="skip")
+    assert [p.answer for p in ds.prompts] == ["1", "2"] and ds.skipped == 1
+    assert ds.skip_reasons[0].startswith(f"{path}:line 2: expected UTF-8")
+
+    fake = tmp_path / "fake.parquet"
+    fake.write_text('{"prompt": "not parquet", "answer": "1"}\n')
+    with pytest.raises(ValueError, match=r"dataset '.*fake.parquet': expected a readable parquet file, found Arrow"):
+        PromptDataset(fake, tok)
+    locked = tmp_path / "dir.jsonl"
+    locked.mkdir()  # exists but is not a readable file
+    with pytest.raises(FileNotFoundError, match="dir.jsonl"):
+        PromptDataset(locked, tok)

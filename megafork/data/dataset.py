@@ -18,6 +18,9 @@ from megafork.data.rows import BadRowError, PromptRow, parse_row, read_rows
 
 log = logging.getLogger("megafork.data")
 
+#: Files that carry a transformers tokenizer; a model directory needs one of them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -45,7 +48,15 @@ def load_tokenizer(model_dir: str | Path):
     p = Path(model_dir)
     if not p.is_dir():
         raise FileNotFoundError(f"model.hf_path {str(p)!r}: expected an HF model directory, found nothing there")
-    return AutoTokenizer.from_pretrained(str(p))
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model.hf_path {str(p)!r}: expected its tokenizer ({p / 'tokenizer.json'}), found "
+                                "no tokenizer.json, tokenizer.model or vocab.json; copy the base model's tokenizer "
+                                "files there")
+    try:
+        return AutoTokenizer.from_pretrained(str(p))
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; name the directory
+        raise ValueError(f"model.hf_path {str(p)!r}: could not load its tokenizer ({type(exc).__name__}: "
+                         f"{exc})") from exc
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict], where: str = "prompt") -> list[int]:

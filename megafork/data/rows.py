@@ -41,8 +41,10 @@ class PromptRow:
 def read_rows(path: str | Path) -> Iterator[RawRow]:
     """Yield every row of a `.jsonl`/`.json` (one object per line) or `.parquet` file.
 
-    A jsonl line that is not valid JSON is yielded as a RawRow whose `data` is the JSONDecodeError,
-    so the caller decides (error or skip) like for any other bad row. Blank lines are not rows.
+    A jsonl line that is not valid UTF-8 or not valid JSON is yielded as a RawRow whose `data` is
+    the decode error, so the caller decides (error or skip) like for any other bad row. Blank
+    lines are not rows. A file that cannot be read (or a .parquet file that is not parquet) raises
+    `ValueError` naming the path.
 
     Args:
         path: the dataset file.
@@ -52,8 +54,17 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
         raise FileNotFoundError(f"dataset {str(p)!r}: expected a .jsonl or .parquet file, found nothing there")
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        try:
+            f = p.open("rb")  # bytes: a line that is not UTF-8 is one bad row, not the end of the file
+        except OSError as e:
+            raise ValueError(f"dataset {str(p)!r}: cannot read it ({e.strerror or e})") from e
+        with f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield RawRow(f"{p}:line {lineno}", e)
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -62,16 +73,24 @@ def read_rows(path: str | Path) -> Iterator[RawRow]:
                     data = e
                 yield RawRow(f"{p}:line {lineno}", data)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+        yield from _parquet_rows(p)
+    else:
+        raise ValueError(f"dataset {str(p)!r}: expected a .jsonl, .json or .parquet file, found suffix {suffix!r}")
 
-        table = pq.ParquetFile(p)
-        index = 0
-        for batch in table.iter_batches(batch_size=4096):
+
+def _parquet_rows(p: Path) -> Iterator[RawRow]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    index = 0
+    try:
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=4096):
             for data in batch.to_pylist():
                 index += 1
                 yield RawRow(f"{p}:row {index}", data)
-    else:
-        raise ValueError(f"dataset {str(p)!r}: expected a .jsonl, .json or .parquet file, found suffix {suffix!r}")
+    except (pa.ArrowException, OSError) as e:
+        where = f"{p} after row {index}" if index else str(p)
+        raise ValueError(f"dataset {where!r}: expected a readable parquet file, found {type(e).__name__}: {e}") from e
 
 
 def _check_messages(msgs: list, where: str) -> list[dict]:
@@ -108,6 +127,9 @@ def parse_row(raw: RawRow) -> PromptRow:
     where, data = raw.where, raw.data
     if isinstance(data, json.JSONDecodeError):
         raise BadRowError(f"{where}: expected a JSON object, found invalid JSON ({data.msg} at column {data.colno})")
+    if isinstance(data, UnicodeDecodeError):
+        raise BadRowError(f"{where}: expected UTF-8 text, found byte {data.object[data.start]:#04x} at column "
+                          f"{data.start + 1} ({data.reason})")
     if not isinstance(data, dict):
         raise BadRowError(f"{where}: expected an object with 'prompt' and 'answer' (or 'reward_model.ground_truth'), "
                           f"found {type(data).__name__}")

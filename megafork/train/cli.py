@@ -13,6 +13,7 @@ import logging
 import os
 
 from megafork.train.config import ConfigError, load_config
+from megafork.train.preflight import check_inputs, check_launch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_inputs(cfg)
+        check_launch(cfg, args.config)
     except ConfigError as e:
         p.exit(2, f"megafork train: {e}\n")
     rank = int(os.environ.get("RANK", "0"))

@@ -5,6 +5,7 @@ Every failure raises `ConfigError` naming the dotted key, what was expected and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Literal
 
@@ -86,12 +87,21 @@ def coerce(value: Any, tp, key: str) -> Any:
 
 
 def _check_types(obj, section: str) -> None:
-    """Re-check every field of a section dataclass (covers configs built directly in Python)."""
+    """Re-check every field of a section dataclass (covers configs built directly in Python).
+
+    Floats must be finite: inf or nan in a learning rate or a ratio would train NaN steps. A
+    field whose documentation gives inf a meaning opts in with `field(metadata={"allow_inf": True})`
+    (nan is never accepted).
+    """
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         key = f"{section}.{f.name}"
         value = getattr(obj, f.name)
         coerced = coerce(value, hints[f.name], key)
+        floats = coerced if isinstance(coerced, list) else [coerced]
+        for v in floats:
+            if isinstance(v, float) and not (math.isfinite(v) or (f.metadata.get("allow_inf") and not math.isnan(v))):
+                raise ConfigError(f"{key}: expected a finite number, found {value!r}")
         if hints[f.name] is float and isinstance(value, int) and not isinstance(value, bool):
             setattr(obj, f.name, coerced)  # accept 1 for 1.0
         elif type(coerced) is not type(value):
