@@ -373,3 +373,63 @@ def test_no_valid_checkpoint_is_an_error_naming_each(tmp_path):
                                                    r"train.resume=none"):
         ckpt.resolve_resume("auto", root)
     assert len(ckpt.list_checkpoints(root)) == 2  # nothing deleted
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage failures name the directory and say what failed.
+
+def _save_with_limits(rank: int, world: int, hf_dir: str, root: str, max_file_bytes: int | None) -> str:
+    import resource
+
+    from megafork.distributed import ParallelConfig, init_distributed
+
+    groups = init_distributed(ParallelConfig(tp=1))
+    ddp, optimizer, scheduler = _build(hf_dir, groups, init_seed=1)
+    _train_step(ddp, optimizer, scheduler, groups)
+    if max_file_bytes is not None:  # files may not grow past this: writes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, resource.RLIM_INFINITY))
+    try:
+        ckpt.save_checkpoint(root, 1, [ddp], optimizer, scheduler, groups, extra={"data": {}})
+    except ckpt.StorageError as exc:
+        return str(exc)
+    return "saved"
+
+
+def test_failed_save_names_the_directory(hf_dir, tmp_path):
+    root = tmp_path / "ck"
+    (msg,) = run_ranks(_save_with_limits, 1, args=(hf_dir, str(root), 100_000), timeout=180)
+    assert msg.startswith(f"saving checkpoint step 1 into {root}/step_0000001.tmp-"), msg
+    assert f"cannot write {root}" in msg, msg
+    assert ckpt.list_checkpoints(root) == [] and not (root / "latest").exists()  # nothing published
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_disk_full_during_save_says_no_space_on_the_directory(hf_dir, tmp_path):
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "400k"):  # needs root (or CAP_SYS_ADMIN); the EFBIG test above runs everywhere
+        pytest.skip("cannot mount a small tmpfs here to fill up")
+    try:
+        root = small / "ck"
+        (msg,) = run_ranks(_save_with_limits, 1, args=(hf_dir, str(root), None), timeout=180)
+        assert msg.startswith(f"saving checkpoint step 1 into {root}/step_0000001.tmp-"), msg
+        assert f"no space left on the filesystem of {root}" in msg, msg
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_unwritable_log_dir_is_named(tmp_path):
+    from megafork.train.config import load_config
+    from megafork.train.config_types import ConfigError
+    from megafork.train.preflight import prepare_run_dir
+
+    (tmp_path / "file").write_text("x")
+    cfg = load_config(None, [f"log.dir={tmp_path / 'file' / 'runs'}"])
+    with pytest.raises(ConfigError, match=rf"log.dir='{tmp_path}/file/runs': expected a directory this process can "
+                                          rf"write; cannot write {tmp_path}/file/runs/run \(NotADirectoryError"):
+        prepare_run_dir(cfg)

@@ -99,6 +99,7 @@ from megafork.train.checkpoint_layout import (  # noqa: F401
     step_dir_name,
     validate_checkpoint,
 )
+from megafork.train.storage import StorageError, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -241,11 +242,16 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer, 
     final = root / step_dir_name(step)
     nonce = _broadcast_str(uuid.uuid4().hex[:12] if rank == 0 else None)
     tmp = root / f"{final.name}.tmp-{nonce}"
+    what = f"saving checkpoint step {step} into {tmp} (left in place; the next save removes it)"
+    failure = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_stale(root, keep=set())
-        tmp.mkdir()
-    _barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_stale(root, keep=set())
+            tmp.mkdir()
+        except OSError as exc:
+            failure = storage_error(exc, root, what)
+    _raise_everywhere(failure)
 
     state = _model_sharded_state(model_chunks)
     model_keys = sorted(state)
@@ -258,41 +264,64 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer, 
     state["extra"] = pickle.dumps(extra or {})
     state["rank_state"] = _rank_object(rank, world, pickle.dumps({"rng": rng, "rank_extra": rank_extra}))
     t0 = time.perf_counter()
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy(thread_count))
-    for f in tmp.glob(f"__{rank}_*"):
-        _fsync_file(f)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy(thread_count))
+        for f in tmp.glob(f"__{rank}_*"):
+            _fsync_file(f)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - a full disk surfaces as anything
+        raise storage_error(exc, root, what) from exc
     _barrier()
 
     if rank == 0:
-        meta = {
-            "format_version": FORMAT_VERSION, "step": int(step), "world_size": world, "model_keys": model_keys,
-            "has_optimizer_state": has_opt_state, "has_scheduler": scheduler is not None,
-            "layout": _layout(groups),
-            "megatron_core": _megatron_version(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        for f in tmp.iterdir():
-            if f.is_file() and not f.name.startswith("__"):
-                _fsync_file(f)
-        meta_path = tmp / META_FILE
-        meta_path.write_text(json.dumps(meta, indent=2))
-        _fsync_file(meta_path)
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old
-            old = root / f"{final.name}.replaced-{nonce}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        pointer_tmp = root / f"{LATEST_FILE}.tmp-{nonce}"
-        pointer_tmp.write_text(final.name + "\n")
-        _fsync_file(pointer_tmp)
-        os.replace(pointer_tmp, root / LATEST_FILE)
-        _fsync_dir(root)
-        _prune(root, keep_last, protect=final, nonce=nonce)
-        logger.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
-    _barrier()
+        try:
+            _publish(root, tmp, final, step, world, model_keys, has_opt_state, scheduler, groups, nonce, keep_last)
+            logger.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
+        except OSError as exc:
+            failure = storage_error(exc, root, what)
+    _raise_everywhere(failure)
     return final
+
+
+def _raise_everywhere(failure: StorageError | None) -> None:
+    """Rank 0's failure (or None) reaches every rank, which all raise it instead of waiting in a barrier."""
+    message = _broadcast_str(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise StorageError("rank 0", message)
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int, world: int, model_keys: list, has_opt_state: bool,
+             scheduler, groups, nonce: str, keep_last: int) -> None:
+    """Rank 0: write the meta file, rename the save into place, repoint `latest`, prune."""
+    meta = {
+        "format_version": FORMAT_VERSION, "step": int(step), "world_size": world, "model_keys": model_keys,
+        "has_optimizer_state": has_opt_state, "has_scheduler": scheduler is not None,
+        "layout": _layout(groups),
+        "megatron_core": _megatron_version(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    for f in tmp.iterdir():
+        if f.is_file() and not f.name.startswith("__"):
+            _fsync_file(f)
+    meta_path = tmp / META_FILE
+    meta_path.write_text(json.dumps(meta, indent=2))
+    _fsync_file(meta_path)
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old
+        old = root / f"{final.name}.replaced-{nonce}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    pointer_tmp = root / f"{LATEST_FILE}.tmp-{nonce}"
+    pointer_tmp.write_text(final.name + "\n")
+    _fsync_file(pointer_tmp)
+    os.replace(pointer_tmp, root / LATEST_FILE)
+    _fsync_dir(root)
+    _prune(root, keep_last, protect=final, nonce=nonce)
 
 
 def _layout(groups) -> dict:

@@ -13,7 +13,7 @@ import logging
 import os
 
 from megafork.train.config import ConfigError, load_config
-from megafork.train.preflight import check_inputs, check_launch
+from megafork.train.preflight import check_inputs, check_launch, prepare_run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines are per-bucket/per-config dumps
     if rank == 0:
-        cfg.log.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save_resolved(cfg.log.run_dir / "config.yaml")
+        try:
+            prepare_run_dir(cfg)
+        except ConfigError as e:
+            p.exit(2, f"megafork train: {e}\n")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from megafork.train.loop import train

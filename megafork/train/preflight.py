@@ -11,6 +11,7 @@ from pathlib import Path
 
 from megafork.data.dataset import TOKENIZER_FILES
 from megafork.train.config_types import ConfigError
+from megafork.train.storage import storage_error
 
 
 def check_inputs(cfg) -> None:
@@ -62,3 +63,18 @@ def check_launch(cfg, config_path: str, env: dict | None = None) -> None:
                           f"{need} processes, found 1 (this process was not started by torchrun). Launch it with\n"
                           f"  torchrun --nproc_per_node={need} -m megafork train --config {config_path} ...\n"
                           f"(with the venv active, or as .venv/bin/torchrun), or set parallel.tp/pp/cp to 1")
+
+
+def prepare_run_dir(cfg) -> None:
+    """Create `log.dir/log.run_name` and save the resolved config there (rank 0).
+
+    Raises:
+        ConfigError: the directory cannot be created or written, naming `log.dir` and why.
+    """
+    run_dir = cfg.log.run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save_resolved(run_dir / "config.yaml")
+    except OSError as exc:
+        reason = storage_error(exc, run_dir, "creating the run directory").reason
+        raise ConfigError(f"log.dir={cfg.log.dir!r}: expected a directory this process can write; {reason}") from exc
