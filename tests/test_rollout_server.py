@@ -137,7 +137,12 @@ def test_malformed_generate_is_400_naming_the_field(served, body, field):
                                     "world_size": 2, "backend": "gloo"}, "rank_offset"),
     ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": 1234, "rank_offset": 1,
                                     "world_size": 2, "backend": "mpi"}, "backend"),
-    ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[2]]}, "group_name"),
+    # SGLang's guard comes before anything else: outside a weight-update session it is refused.
+    ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[2]]},
+     r"^update_weights_from_distributed must run between begin_weight_update\(\) and end_weight_update\(\)$"),
+    ("/end_weight_update", {}, "no weight-update session is open"),
+    ("/begin_weight_update", {"selector": "draft"}, "selector"),
+    ("/update_weights_from_tensor", {"serialized_named_tensors": []}, "must run between begin_weight_update"),
     ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["floaty"], "shapes": [[2]]}, r"dtypes\[0\]"),
     ("/update_weights_from_distributed", {"names": ["a", "b"], "dtypes": ["float32"], "shapes": [[2]]}, "dtypes"),
     ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[2]],

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from megafork.rollout.buckets import copy_bytes, dtype_name, tensor_checksum
-from megafork.rollout.sampling import next_tokens, sample_generators
+from megafork.rollout.sampling import next_tokens, sample_generators, sample_seed
 from megafork.rollout.types import RolloutError, Sample, SamplingParams, validate_prompts
 
 log = logging.getLogger(__name__)
@@ -90,32 +90,54 @@ class EmbeddedEngine:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else "auto"
+        tokenizer = load_tokenizer(path)  # first: it is cheap, and a broken one fails before the weights load
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device)
-        return cls(model, model_path=str(path), tokenizer=load_tokenizer(path), **kwargs)
+        return cls(model, model_path=str(path), tokenizer=tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ generation
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Sample]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, row_seeds: list[int | None] | None = None,
+                 cancel: threading.Event | list[threading.Event] | None = None) -> list[Sample]:
         """Sample `sampling.n` responses per prompt; returns them prompt-major.
 
         Args:
             prompts: token-id lists.
-            sampling: sampling parameters (validated).
+            sampling: sampling parameters (validated). With a seed, sample j of prompt i uses
+                `sample_seed(seed, i, j, n)`, so every sample has its own seed.
+            row_seeds: explicit seeds, one per row (prompts x n, prompt-major; None entries draw
+                fresh randomness); overrides `sampling.seed`. `megafork serve` uses it to give
+                every copy of a request the request's own seed, as SGLang does.
+            cancel: an event, or one per prompt: once set, that prompt's rows still running end
+                at their next step with finish reason "abort" (`/abort_request`, a client that
+                disconnected).
         """
         prompts = validate_prompts(prompts, self.config.vocab_size)
         rows = [(i, p) for i, p in enumerate(prompts) for _ in range(sampling.n)]
-        gens = None if sampling.greedy else sample_generators(sampling.seed, len(rows), self.device)
+        if row_seeds is None:
+            row_seeds = ([None] * len(rows) if sampling.seed is None else
+                         [sample_seed(sampling.seed, i, j, sampling.n) for i in range(len(prompts))
+                          for j in range(sampling.n)])
+        if len(row_seeds) != len(rows):
+            raise ValueError(f"row_seeds: expected {len(rows)} seeds (prompts x n), found {len(row_seeds)}")
+        gens = None if sampling.greedy else sample_generators(row_seeds, self.device)
+        if isinstance(cancel, list):
+            if len(cancel) != len(prompts):
+                raise ValueError(f"cancel: expected one event per prompt ({len(prompts)}), found {len(cancel)}")
+            row_cancel = [cancel[i] for i, _ in rows]
+        else:
+            row_cancel = [cancel] * len(rows)
         self._wait_until_running()
         epoch = self._abort_epoch
         out: list[Sample] = []
         for start in range(0, len(rows), self.max_batch_rows):
             chunk = rows[start:start + self.max_batch_rows]
             chunk_gens = None if gens is None else gens[start:start + len(chunk)]
-            out.extend(self._generate_chunk(chunk, sampling, chunk_gens, epoch))
+            out.extend(self._generate_chunk(chunk, sampling, chunk_gens, epoch,
+                                            row_cancel[start:start + len(chunk)]))
         return out
 
-    def _generate_chunk(self, rows, sampling: SamplingParams, gens, epoch) -> list[Sample]:
+    def _generate_chunk(self, rows, sampling: SamplingParams, gens, epoch, cancel) -> list[Sample]:
         from transformers import DynamicCache
 
         bsz = len(rows)
@@ -140,6 +162,11 @@ class EmbeddedEngine:
             if self._abort_epoch != epoch:
                 for r in range(bsz):
                     reasons[r] = reasons[r] or "abort"
+                break
+            for r, ev in enumerate(cancel):
+                if ev is not None and reasons[r] is None and ev.is_set():
+                    reasons[r], done[r] = "abort", True
+            if bool(done.all()):
                 break
             self._wait_until_running()
             with self._lock:
@@ -281,19 +308,57 @@ class EmbeddedEngine:
         return {"num_tensors": len(items), "bytes": nbytes, "seconds": time.perf_counter() - t0}
 
     def load_from_disk(self, model_path: str | Path, weight_version: str | None = None) -> dict:
-        """Load every tensor of an HF checkpoint directory's safetensors (all checked first)."""
+        """Load an HF checkpoint directory's safetensors, all or nothing.
+
+        Every file of `model.safetensors.index.json` must be there and hold the tensors the index
+        gives it, and every tensor of the model must arrive (a tied alias such as `lm_head.weight`
+        may be left out). Everything is loaded into memory and checked before any weight changes,
+        so a missing shard fails the update with the old weights untouched.
+        """
+        import json
+
         from safetensors.torch import load_file
 
         path = Path(model_path)
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise WeightUpdateError(f"model_path: no *.safetensors files in {path}")
+        index = path / "model.safetensors.index.json"
+        weight_map = None
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise WeightUpdateError(f"model_path: {index} is not a readable safetensors index ({exc})") from exc
+            files = sorted({path / f for f in weight_map.values()})
+            missing_files = [str(f) for f in files if not f.is_file()]
+            if missing_files:
+                raise WeightUpdateError(f"model_path: {missing_files} listed in {index.name} are missing")
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise WeightUpdateError(f"model_path: no *.safetensors files in {path}")
         tensors: dict[str, torch.Tensor] = {}
         for f in files:
-            tensors.update(load_file(str(f)))
+            try:
+                tensors.update(load_file(str(f)))
+            except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+                raise WeightUpdateError(f"model_path: {f} is not a readable safetensors file ({exc})") from exc
+        absent = sorted(n for n, f in (weight_map or {}).items() if n not in tensors)
+        if absent:
+            raise WeightUpdateError(f"model_path: {len(absent)} tensors listed in {index.name} are not in their "
+                                    f"files: {absent[:5]}")
+        missing = self.missing_tensors(tensors)
+        if missing:
+            raise WeightUpdateError(f"model_path: {path} lacks {len(missing)} of the model's tensors: {missing[:5]}")
         stats = self.update_weights(tensors.items(), weight_version=weight_version)
         self.model_path = str(path)
         return stats
+
+    def missing_tensors(self, names) -> list[str]:
+        """Tensors of the model that `names` leaves out; of tied tensors (sharing storage, such as
+        a tied `lm_head.weight`) one name is enough."""
+        by_storage: dict[int, list[str]] = {}
+        for n, t in self.model.state_dict(keep_vars=True).items():
+            by_storage.setdefault(t.data_ptr(), []).append(n)
+        return sorted(group[0] for group in by_storage.values() if not any(n in names for n in group))
 
     def weights_checksum(self, names: list[str] | None = None) -> dict[str, str]:
         """sha256 of each named weight's bytes in the engine's dtype (all weights by default)."""
@@ -315,13 +380,23 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 
 def load_tokenizer(path: Path):
-    """The checkpoint's tokenizer, or None when it has no tokenizer files."""
-    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+    """The checkpoint's tokenizer, or None when it has no tokenizer files.
+
+    Raises:
+        RolloutError: one line naming the file when the tokenizer files are incomplete or broken.
+    """
+    has_config = (path / "tokenizer_config.json").is_file()
+    vocab_files = [f for f in ("tokenizer.json", "tokenizer.model", "vocab.json") if (path / f).is_file()]
+    if not has_config and not vocab_files:
         return None
+    if not vocab_files:
+        raise RolloutError(f"{path / 'tokenizer.json'}: missing, but {path / 'tokenizer_config.json'} is there; add "
+                           "tokenizer.json, or remove tokenizer_config.json to serve input_ids only")
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # noqa: BLE001 - a bad tokenizer must not stop input_ids serving
-        raise RolloutError(f"{path}: could not load its tokenizer ({exc}); remove the tokenizer files to serve "
-                           "input_ids only") from exc
+        detail = " ".join(str(exc).split())[:300]
+        raise RolloutError(f"{path / vocab_files[0]}: could not load the tokenizer ({type(exc).__name__}: {detail}); "
+                           "fix it, or remove the tokenizer files to serve input_ids only") from exc

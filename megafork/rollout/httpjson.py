@@ -2,8 +2,8 @@
 
     status, body = request_json("http://127.0.0.1:30000", "/generate", {"input_ids": [1, 2]}, timeout_s=60)
 
-Connection failures and 5xx answers are retried `retries` times with a short backoff; 4xx answers
-are returned at once (they will not get better). When every attempt fails, `RolloutError` names
+Connection failures and 5xx answers are retried `retries` times with a short backoff; 4xx and 501
+answers are returned at once (they will not get better). When every attempt fails, `RolloutError` names
 the URL, the endpoint, the attempts and the last cause, so a dead server is never a silent hang.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def request_json(base_url: str, path: str, body: object = None, timeout_s: float
         method: override the HTTP method.
 
     Returns:
-        (HTTP status, decoded JSON or text, None when empty) for any status below 500.
+        (HTTP status, decoded JSON or text, None when empty) for any status below 500, and 501.
 
     Raises:
         RolloutError: every attempt failed to reach the server or got a 5xx.
@@ -49,7 +49,7 @@ def request_json(base_url: str, path: str, body: object = None, timeout_s: float
                 return resp.status, _decode(resp.read(), resp.headers.get("Content-Type", ""))
         except urllib.error.HTTPError as exc:
             payload = _decode(exc.read(), exc.headers.get("Content-Type", "") if exc.headers else "")
-            if exc.code < 500:
+            if exc.code < 500 or exc.code == 501:  # 501 Not Implemented will not get better either
                 return exc.code, payload
             last = f"HTTP {exc.code}: {payload!r:.500}"
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as exc:
@@ -76,4 +76,24 @@ def check_ok(url: str, path: str, status: int, payload: object) -> object:
     if failed:
         msg = payload.get("message") or payload.get("error") if isinstance(payload, dict) else payload
         raise RolloutError(f"{url.rstrip('/')}{path}: HTTP {status}: {msg}")
+    return payload
+
+
+def get_info(url: str, kind: str, timeout_s: float = 60.0) -> dict:
+    """SGLang's `/server_info` or `/model_info` (`kind`), falling back to the pre-0.5 names
+    `/get_server_info` / `/get_model_info` on a 404 (older SGLang, older megafork serve).
+
+    Args:
+        url: server base URL.
+        kind: "server_info" or "model_info".
+        timeout_s: per request.
+    """
+    status, payload = request_json(url, f"/{kind}", timeout_s=timeout_s)
+    path = f"/{kind}"
+    if status == 404:
+        path = f"/get_{kind}"
+        status, payload = request_json(url, path, timeout_s=timeout_s)
+    check_ok(url, path, status, payload)
+    if not isinstance(payload, dict):
+        raise RolloutError(f"{url.rstrip('/')}{path}: expected a JSON object, found {payload!r:.200}")
     return payload

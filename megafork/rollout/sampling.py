@@ -12,8 +12,8 @@ Which log-prob is reported (the "rollout log-prob" the trainer compares against)
   `log_softmax(logits)` at temperature 1 (the sampling distribution is a point mass, whose
   log-prob 0 says nothing); SGLang does the same.
 
-Each row draws from its own `torch.Generator`, so a seeded request gives the same samples
-however it is batched with other rows.
+Each row draws from its own `torch.Generator` seeded with that row's seed (`sample_seed`), so
+a seeded request gives the same samples however it is batched with other rows.
 """
 from __future__ import annotations
 
@@ -22,19 +22,33 @@ import torch
 SEED_STRIDE = 0x9E3779B97F4A7C15  # golden-ratio increment: well-spread per-sample seeds
 
 
-def sample_generators(seed: int | None, num_rows: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per sample row; seeded deterministically from `seed` and the row index.
+def sample_seed(seed: int, prompt_index: int, sample_index: int, n: int) -> int:
+    """The seed of one sample: a function of the step seed and the sample's place in the step.
+
+    Every sample of a step gets its own seed, so the n responses of a GRPO group differ on
+    engines that honour seeds per request (SGLang copies one `sampling_seed` to all n copies of
+    a prompt, which under `--enable-deterministic-inference` makes them identical).
 
     Args:
-        seed: request seed, or None for fresh randomness.
-        num_rows: number of sample rows (prompts × n, prompt-major).
+        seed: the step's seed.
+        prompt_index: index of the prompt in the `generate` call.
+        sample_index: 0..n-1 within the prompt's group.
+        n: samples per prompt (the flat index is prompt-major, `prompt_index * n + sample_index`).
+    """
+    return (int(seed) + SEED_STRIDE * (prompt_index * n + sample_index + 1)) % 2**63
+
+
+def sample_generators(seeds: list[int | None], device: torch.device) -> list[torch.Generator]:
+    """One generator per sample row, seeded with that row's seed (None: fresh randomness).
+
+    Args:
+        seeds: one seed per row (prompts x n, prompt-major), e.g. from `sample_seed`.
         device: device the sampling tensors live on.
     """
     gens = []
-    base = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
-    for i in range(num_rows):
+    for s in seeds:
         g = torch.Generator(device=device)
-        g.manual_seed((base + SEED_STRIDE * (i + 1)) % 2**63)
+        g.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if s is None else int(s) % 2**63)
         gens.append(g)
     return gens
 

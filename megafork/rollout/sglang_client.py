@@ -9,8 +9,10 @@
 `generate` splits the prompts into contiguous chunks, one per server, and POSTs each chunk to
 `/generate` with `input_ids`, `sampling_params` and `return_logprob=true` concurrently. Each call
 has a timeout and bounded retries; a server that stays unreachable raises `RolloutError` naming
-its URL. With a seed, each chunk gets its own seed derived from it, so results are reproducible
-for a fixed number of servers.
+its URL. With a seed, every sample is sent as its own entry with its own `sampling_seed`
+(`sample_seed(seed, prompt, sample, n)`), so the n responses of a group differ and the seeds do
+not depend on how the prompts are spread over servers. SGLang honours seeds only under
+`--enable-deterministic-inference`; `megafork serve` always does.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from megafork.rollout.httpjson import check_ok, request_json
-from megafork.rollout.sampling import SEED_STRIDE
+from megafork.rollout.sampling import sample_seed
 from megafork.rollout.types import RolloutError, Sample, SamplingParams, validate_prompts
 from megafork.rollout.weight_sync import HttpWeightSender, WeightSyncConfig
 
@@ -117,6 +119,26 @@ def stop_servers(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
             p.wait()
 
 
+def generate_body(prompts: list[list[int]], sampling: SamplingParams, start: int, end: int) -> dict:
+    """The `/generate` body for prompts[start:end] (their indices in the step are kept for seeds).
+
+    Unseeded: one entry per prompt with SGLang's parallel sampling (`n`). Seeded: one entry per
+    sample, each with `n=1` and its own `sampling_seed` from `sample_seed(seed, prompt, sample, n)`:
+    SGLang copies a request's seed to all n copies of a prompt, so one seed per prompt would make
+    the n responses identical under `--enable-deterministic-inference`. SGLang answers a batch in
+    entry order, so the samples still come back prompt-major.
+    """
+    chunk = prompts[start:end]
+    if sampling.seed is None:
+        return {"input_ids": chunk, "sampling_params": sampling.to_sglang(), "return_logprob": True}
+    one = replace(sampling, n=1, seed=None).to_sglang()
+    n = sampling.n
+    return {"input_ids": [p for p in chunk for _ in range(n)],
+            "sampling_params": [{**one, "sampling_seed": sample_seed(sampling.seed, start + i, j, n)}
+                                for i in range(len(chunk)) for j in range(n)],
+            "return_logprob": True}
+
+
 class SGLangEngine:
     """`RolloutEngine` over SGLang's HTTP protocol.
 
@@ -153,19 +175,17 @@ class SGLangEngine:
         prompts = validate_prompts(prompts)
         k = min(len(self.urls), len(prompts))
         bounds = [round(i * len(prompts) / k) for i in range(k + 1)]
-        futures = []
-        for i in range(k):
-            sp = sampling if sampling.seed is None else replace(sampling, seed=(sampling.seed + SEED_STRIDE * i) % 2**63)
-            body = {"input_ids": prompts[bounds[i]:bounds[i + 1]], "sampling_params": sp.to_sglang(),
-                    "return_logprob": True}
-            futures.append(self._pool.submit(self._post_generate, self.urls[i], body, bounds[i], sampling.n))
+        futures = [self._pool.submit(self._post_generate, self.urls[i], generate_body(prompts, sampling, bounds[i],
+                                                                                       bounds[i + 1]),
+                                     bounds[i], sampling.n)
+                   for i in range(k)]
         return [s for f in futures for s in f.result()]
 
     def _post_generate(self, url: str, body: dict, offset: int, n: int) -> list[Sample]:
         status, out = request_json(url, "/generate", body, timeout_s=self.timeout_s, retries=self.retries)
         check_ok(url, "/generate", status, out)
         items = out if isinstance(out, list) else [out]
-        expected = len(body["input_ids"]) * n
+        expected = len(body["input_ids"]) * (1 if isinstance(body["sampling_params"], list) else n)
         if len(items) != expected:
             raise RolloutError(f"{url}/generate: expected {expected} outputs, got {len(items)}")
         samples = []

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megafork.rollout.buckets import dtype_name, iter_buckets, pack, tensor_checksum
-from megafork.rollout.httpjson import check_ok, request_json
+from megafork.rollout.httpjson import check_ok, get_info, request_json
 from megafork.rollout.process_group import destroy_weight_update_group, init_weight_update_group
 from megafork.rollout.protocol import DEFAULT_GROUP
 from megafork.rollout.types import RolloutError
@@ -120,7 +120,12 @@ class HttpWeightSender:
         urls: base URLs of SGLang (or `megafork serve`) servers.
         config: bucket size, backend, verification, timeouts.
         engine_ranks: ranks each server contributes to the group (its TP size). Default: read
-            `tp_size` from each server's `/get_server_info`.
+            `tp_size` from each server's `/server_info`.
+
+    Every `send` runs inside SGLang's weight-update session on each server
+    (`/begin_weight_update` ... `/end_weight_update`, closed on failure too); SGLang 0.5.23
+    refuses `/update_weights_from_distributed` outside one. A server that answers 404 on
+    `/begin_weight_update` predates sessions; it is updated without one, and that is logged once.
     """
 
     def __init__(self, urls: list[str], config: WeightSyncConfig | None = None, engine_ranks: list[int] | None = None):
@@ -134,15 +139,22 @@ class HttpWeightSender:
         self._buffers: list[torch.Tensor | None] = [None, None]
         self._http = ThreadPoolExecutor(max_workers=max(2, len(self.urls)), thread_name_prefix="wsync-http")
         self._wire = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsync-wire")
+        self._sessionless: set[str] = set()  # servers that answered 404 on /begin_weight_update
 
     def connect(self) -> None:
         """Create the weight-update group: trainer rank 0 plus every server's ranks."""
         cfg = self.config
+        infos = [get_info(url, "server_info", cfg.timeout_s) for url in self.urls]
+        if cfg.verify_checksums:
+            # Probe before anything is sent: SGLang silently drops `return_checksums`, which
+            # would only show after the first bucket had been loaded.
+            lacking = [u for u, i in zip(self.urls, infos) if "return_checksums" not in i.get("megafork_extensions", [])]
+            if lacking:
+                raise RolloutError(f"{lacking}: verify_checksums (rollout.weight_sync_checksum) needs the megafork "
+                                   "extension return_checksums, which these servers do not report in /server_info "
+                                   "(only megafork serve implements it); turn verification off for SGLang servers")
         if self.engine_ranks is None:
-            self.engine_ranks = []
-            for url in self.urls:
-                info = check_ok(url, "/get_server_info", *request_json(url, "/get_server_info", timeout_s=cfg.timeout_s))
-                self.engine_ranks.append(int(info.get("tp_size", 1)) if isinstance(info, dict) else 1)
+            self.engine_ranks = [int(i.get("tp_size", 1)) for i in infos]
         world = 1 + sum(self.engine_ranks)
         port = cfg.master_port or _free_port()
         backend = cfg.resolved_backend()
@@ -167,6 +179,59 @@ class HttpWeightSender:
         """
         if self.pg is None:
             raise RolloutError(f"{self.urls}: call connect() before send()")
+        opened = self._begin_session()
+        try:
+            stats = self._send_buckets(named_tensors, weight_version)
+        except BaseException:
+            # A bucket may still be on the wire (the failure came from the export); let it finish first.
+            self._wire.submit(lambda: None).result(timeout=self.config.timeout_s)
+            self._end_session(opened, raising=False)
+            raise
+        self._end_session(opened, raising=True)
+        stats.log(",".join(self.urls))
+        return stats
+
+    def _begin_session(self) -> list[str]:
+        """`/begin_weight_update` on every server; returns those that opened a session."""
+        path = "/begin_weight_update"
+        posts = {u: self._http.submit(request_json, u, path, {"selector": "all"}, self.config.timeout_s)
+                 for u in self.urls}
+        opened, failure = [], None
+        for url, fut in posts.items():
+            try:
+                status, payload = fut.result()
+            except RolloutError as exc:
+                failure = failure or exc
+                continue
+            if status == 404:
+                if url not in self._sessionless:
+                    self._sessionless.add(url)
+                    log.warning("%s answers 404 on %s: a server from before weight-update sessions; updating it "
+                                "without one", url, path)
+                continue
+            try:
+                check_ok(url, path, status, payload)
+                opened.append(url)
+            except RolloutError as exc:
+                failure = failure or exc
+        if failure is not None:
+            self._end_session(opened, raising=False)
+            raise failure
+        return opened
+
+    def _end_session(self, urls: list[str], raising: bool) -> None:
+        """`/end_weight_update` on `urls`; on a failure path only logged (the first error wins)."""
+        path = "/end_weight_update"
+        posts = {u: self._http.submit(request_json, u, path, {}, self.config.timeout_s) for u in urls}
+        for url, fut in posts.items():
+            try:
+                check_ok(url, path, *fut.result())
+            except RolloutError as exc:
+                if raising:
+                    raise
+                log.warning("could not close the weight-update session on %s: %s", url, exc)
+
+    def _send_buckets(self, named_tensors, weight_version) -> SyncStats:
         t0 = time.perf_counter()
         stats = SyncStats()
         in_flight: Future | None = None
@@ -193,7 +258,6 @@ class HttpWeightSender:
         if in_flight is not None:
             in_flight.result()
         stats.seconds = time.perf_counter() - t0
-        stats.log(",".join(self.urls))
         return stats
 
     def _pack_buffer(self, slot: int, nbytes: int) -> torch.Tensor | None:
