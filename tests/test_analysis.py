@@ -126,3 +126,26 @@ def test_analyze_cli_writes_nonempty_pngs(tmp_path, capsys):
     assert analyze_main([str(run), "--step", "3"]) == 2
     assert "expected entropy_step3.pt, found dumps for steps [2, 6]" in capsys.readouterr().err
     assert analyze_main([str(tmp_path / "missing")]) == 2
+
+
+def test_analyze_tolerates_a_cut_off_last_line_and_says_why_plots_are_missing(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    for dump in run.glob("entropy_step*.pt"):
+        dump.unlink()  # a run with log.entropy_dump_every=0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "reward_me')  # killed mid-write
+    assert analyze_main([str(run)]) == 0
+    err = capsys.readouterr().err
+    assert (run / "plots" / "reward_accuracy.png").stat().st_size > 5000
+    assert "metrics.jsonl:line 7: skipped the last line, cut off mid-write" in err, err
+    assert "no entropy_hist.png, forking_tokens.png or forking_tokens.md" in err and "log.entropy_dump_every" in err
+    assert len(read_metrics(run / "metrics.jsonl")) == 6
+    # Anywhere but the last line, a broken line is still an error naming it.
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('\n{"step": 8}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:line 7: expected a JSON object, found invalid JSON"):
+        read_metrics(run / "metrics.jsonl")
+    make_run(tmp_path / "run2")
+    (tmp_path / "run2" / "metrics.jsonl").unlink()
+    assert analyze_main([str(tmp_path / "run2")]) == 0
+    assert "no reward_accuracy.png:" in capsys.readouterr().err

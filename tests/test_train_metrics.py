@@ -112,3 +112,23 @@ def test_timer():
     assert timer.seconds["rollout"] >= 0.03 and "update" in timer.seconds
     assert set(timer.as_metrics()) == {"seconds_rollout", "seconds_update"}
     assert set(timer.as_metrics()) <= set(METRIC_KEYS)
+
+
+def test_resume_truncation_says_which_steps_and_eval_logs_progress(tmp_path, caplog):
+    from megafork.train.metrics import eval_progress
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(4)))
+    with caplog.at_level(logging.INFO, logger="megafork.train.metrics"):
+        MetricsLogger(run, LogConfig(tensorboard=False, progress_bar=False), total_steps=4, start_step=2).close()
+    assert "removed 1 line(s) of steps after 2 (logged after the checkpoint of step 2" in caplog.text, caplog.text
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [0, 1, 2]
+
+    caplog.clear()
+    cfg = Config.from_dict({"eval": {"k": 4, "max_prompts": 10}})
+    with caplog.at_level(logging.INFO, logger="megafork.train.metrics"):
+        with eval_progress(cfg, 256, step=3) as done:
+            assert "eval at step 3: avg@4 over 10 held-out prompts (40 responses) ..." in caplog.text
+            assert done(0.375) == 0.375
+    assert "eval at step 3: accuracy 0.3750 in " in caplog.text

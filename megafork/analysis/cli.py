@@ -46,23 +46,32 @@ def analyze(run_dir: str | Path, step: int | None = None, tokenizer: str | None 
         top: rows in the token tables.
 
     Returns:
-        {"plots": [paths], "percentiles": {...} | None, "threshold": float | None, "table": str | None}.
+        {"plots": [paths], "percentiles": {...} | None, "threshold": float | None, "table": str | None,
+         "notes": [why a plot is missing, or a line was skipped]}.
     """
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run directory {str(run)!r}: expected a directory, found nothing there")
     plots_dir = run / "plots"
-    result: dict = {"plots": [], "percentiles": None, "threshold": None, "table": None}
+    notes: list[str] = []
+    result: dict = {"plots": [], "percentiles": None, "threshold": None, "table": None, "notes": notes}
     metrics = run / "metrics.jsonl"
     dumps = list_dumps(run)
     if not metrics.is_file() and not dumps:
         raise FileNotFoundError(f"run directory {str(run)!r}: expected metrics.jsonl or entropy_step*.pt, found "
                                 f"neither")
-    if metrics.is_file():
-        rows = read_metrics(metrics)
+    if not metrics.is_file():
+        notes.append(f"no reward_accuracy.png: {metrics} does not exist")
+    else:
+        rows = read_metrics(metrics, notes)
         if rows:
             result["plots"].append(plot_training_curves(rows, plots_dir / "reward_accuracy.png"))
-    if dumps:
+        else:
+            notes.append(f"no reward_accuracy.png: {metrics} has no rows yet")
+    if not dumps:
+        notes.append(f"no entropy_hist.png, forking_tokens.png or forking_tokens.md: {run} has no "
+                     "entropy_step*.pt dumps; the run writes them when log.entropy_dump_every > 0")
+    else:
         if step is None:
             step = max(dumps)
         if step not in dumps:
@@ -102,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"megafork analyze: {e}", file=sys.stderr)
         return 2
+    for note in result["notes"]:
+        print(f"megafork analyze: {note}", file=sys.stderr)
     if result["percentiles"] is not None:
         pct = ", ".join(f"{k} {v:.4g}" for k, v in result["percentiles"].items())
         print(f"response-token entropy: {pct}; threshold {result['threshold']:.4g}")

@@ -41,23 +41,32 @@ DUMP_FIELDS = {"token_ids": torch.int64, "entropy": torch.float32, "selected": t
                "response_index": torch.int64, "position": torch.int64}
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_metrics(path: str | Path, notes: list[str] | None = None) -> list[dict]:
     """Rows of a metrics.jsonl, in file order.
+
+    A last line cut off mid-write (a run killed while logging, or still running) is skipped, and
+    a note says so; a bad line anywhere else is an error.
 
     Args:
         path: the metrics.jsonl file.
+        notes: where to append that note (default: dropped silently).
 
     Raises:
-        ValueError: a line is not a JSON object with an integer "step" (names file and line).
+        ValueError: a line other than the last is not a JSON object with an integer "step" (names
+            file and line).
     """
     rows = []
     p = Path(path)
-    for lineno, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    lines = [(n, line) for n, line in enumerate(p.read_text().splitlines(), 1) if line.strip()]
+    for i, (lineno, line) in enumerate(lines):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                if notes is not None:
+                    notes.append(f"{p}:line {lineno}: skipped the last line, cut off mid-write ({e.msg}): "
+                                 f"{line[:60]!r}")
+                break
             raise ValueError(f"{p}:line {lineno}: expected a JSON object, found invalid JSON ({e.msg})") from e
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             raise ValueError(f"{p}:line {lineno}: expected an object with an integer 'step', found {line[:80]!r}")

@@ -406,11 +406,16 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, 
         if "scheduler" not in loaded:
             raise CheckpointError(f"checkpoint {p}: expected scheduler state, found none (saved without one)")
         scheduler.num_steps = 0  # megatron's load_state_dict adds the saved count to the current one
+        changed = _schedule_changes(scheduler, loaded["scheduler"])
+        if changed and getattr(scheduler, "override_opt_param_scheduler", False):
+            logger.warning("checkpoint %s: continuing with this run's LR schedule (train.extend_steps): %s", p,
+                           ", ".join(changed))
         try:
             scheduler.load_state_dict(loaded["scheduler"])
         except AssertionError as exc:
             raise CheckpointError(f"checkpoint {p}: its LR schedule differs from this run's optim/train settings "
-                                  f"({exc}); resume with the same optim.* and train.steps") from exc
+                                  f"({', '.join(changed) or exc}); resume with the same optim.* and train.steps, "
+                                  "or set train.extend_steps=true to continue with the new schedule") from exc
     extra = pickle.loads(loaded["extra"])
     rank_extra = None
     if same_world:
@@ -418,6 +423,16 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, 
         rank_extra = rank_state["rank_extra"]
         restore_rng_state(rank_state["rng"])  # last: the loads above must not move any RNG after this
     return LoadedCheckpoint(path=p, step=int(meta["step"]), extra=extra, rank_extra=rank_extra, meta=meta)
+
+
+def _schedule_changes(scheduler, saved: dict) -> list[str]:
+    """'name: saved -> now' for each schedule setting that differs from the checkpoint's."""
+    pairs = (("lr", "max_lr", "max_lr"), ("min_lr", "min_lr", "min_lr"),
+             ("warmup steps", "lr_warmup_steps", "lr_warmup_steps"),
+             ("decay steps", "lr_decay_steps", "lr_decay_steps"), ("decay style", "lr_decay_style", "lr_decay_style"),
+             ("weight-decay steps", "wd_incr_steps", "wd_incr_steps"))
+    return [f"{name} {saved[key]} -> {getattr(scheduler, attr)}" for name, key, attr in pairs
+            if key in saved and saved[key] != getattr(scheduler, attr)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,11 +456,14 @@ def resume(cfg, run, run_dir: str | Path) -> tuple[int, dict]:
         (steps completed, the rest of `extra`): (0, {}) for a fresh start.
 
     Raises:
-        CheckpointError: an explicit `train.resume` path that is unusable (named in the message).
+        CheckpointError: an explicit `train.resume` path that is unusable (named in the message), or
+            a changed LR schedule without `train.extend_steps`.
     """
     path = resolve_resume(cfg.train.resume, checkpoints_root(run_dir))
     if path is None:
         return 0, {}
+    # megatron's own switch: take the schedule from this run's config, the step count from the checkpoint.
+    run.scheduler.override_opt_param_scheduler = bool(getattr(cfg.train, "extend_steps", False))
     loaded = load_checkpoint(path, run.model, run.optimizer, run.scheduler, run.groups)
     extra = dict(loaded.extra)
     if "data" not in extra:

@@ -248,6 +248,10 @@ class TrainConfig:
         micro_batch_size: sequences per forward/backward micro-batch (per DP rank).
         save_every: checkpoint every this many steps (0 = only at the end).
         resume: "auto" (the latest checkpoint of the run, if any), "none", or a checkpoint path.
+        extend_steps: allow resuming a checkpoint whose LR schedule differs from this run's (e.g. a
+            finished run continued with a larger `steps`): model, optimizer, data position and
+            RNGs continue, and the schedule is rebuilt from this run's `optim.*` and `steps` at the
+            checkpoint's step count. Without it, a changed schedule stops the resume.
         keep_last: keep this many newest checkpoints (0 = all).
         seed: seed for data order, sampling and every RNG.
     """
@@ -258,6 +262,7 @@ class TrainConfig:
     micro_batch_size: int = 4
     save_every: int = 20
     resume: str = "auto"
+    extend_steps: bool = False
     keep_last: int = 3
     seed: int = 1234
 

@@ -18,7 +18,7 @@ import time
 from megafork.distributed import init_distributed
 from megafork.train import checkpoint
 from megafork.train.engine_start import sync_engine_at_start
-from megafork.train.metrics import MetricsLogger, Timer
+from megafork.train.metrics import MetricsLogger, RunClock, Timer, eval_progress
 from megafork.train.rollout_phase import collect_rollouts, evaluate
 from megafork.train.setup import build_run
 from megafork.train.shard import all_dp_ranks, broadcast_from, pack_minibatches, scatter_step, split_for_dp
@@ -37,6 +37,7 @@ def train(cfg) -> dict:
     start, extra = checkpoint.resume(cfg, run, run_dir)
     sync_engine_at_start(run, start)  # an engine may serve other weights (an earlier run's): give it ours
     summary = extra.get("summary", {"initial_accuracy": None, "final_accuracy": None})
+    clock = RunClock(t_start, before=extra.get("wall_seconds", 0.0))
     logger = MetricsLogger(run_dir, cfg, start_step=start)
     dp_rank_of = all_dp_ranks(groups)
     if start == 0 and run.eval_dataset is not None:
@@ -72,12 +73,12 @@ def train(cfg) -> dict:
             metrics["eval_accuracy"] = summary["final_accuracy"] = _eval(run, step + 1)
         logger.log(step, metrics)  # 0-based index; the row's "step" is steps completed, like checkpoints
         if _due(cfg.train.save_every, step, cfg.train.steps):
-            checkpoint.save(run, run_dir, step + 1, {"summary": summary})
+            checkpoint.save(run, run_dir, step + 1, {"summary": summary, **clock.state()})
 
     if run.eval_dataset is not None and (summary["final_accuracy"] is None or cfg.eval.every == 0
                                           or cfg.train.steps % cfg.eval.every):
         summary["final_accuracy"] = _eval(run, cfg.train.steps)
-    summary.update(steps=cfg.train.steps, wall_seconds=time.perf_counter() - t_start)
+    summary.update(steps=cfg.train.steps, **clock.summary())
     logger.close()
     if hasattr(run.sender, "close"):  # leave no weight-update group open on the servers
         run.sender.close()
@@ -87,8 +88,10 @@ def train(cfg) -> dict:
 
 
 def _eval(run, step: int) -> float | None:
-    acc = evaluate(run.engine, run.eval_dataset, run.tokenizer, run.reward_fn, run.cfg, step) \
-        if run.groups.rank == 0 else None
+    acc = None
+    if run.groups.rank == 0:
+        with eval_progress(run.cfg, len(run.eval_dataset), step) as done:
+            acc = done(evaluate(run.engine, run.eval_dataset, run.tokenizer, run.reward_fn, run.cfg, step))
     return broadcast_from(acc, src=0)
 
 

@@ -15,6 +15,10 @@ Public API:
              or just its `LogConfig` (then pass total_steps, and forking for the check)
         .log(step, metrics) -> dict      writes the row {"step": step + 1, **metrics}
         .close()
+    eval_progress(cfg, num_prompts, step) -> context manager yielding done(accuracy)   (log lines)
+    RunClock(started, before=0.0)       wall seconds across resumes
+        .state() -> {"wall_seconds"}     kept in checkpoints
+        .summary() -> {"wall_seconds", "wall_seconds_since_resume"}
     Timer()
         __call__(phase) -> context manager adding wall seconds to the phase
         .seconds -> dict[str, float]     {phase: seconds}
@@ -174,8 +178,8 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         removed = truncate_metrics(self.path, start_step)
         if removed:
-            logger.info("%s: removed %d lines of steps >= %d (logged after the checkpoint resumed from)",
-                        self.path, removed, start_step)
+            logger.info("%s: removed %d line(s) of steps after %d (logged after the checkpoint of step %d, which "
+                        "this run resumes from)", self.path, removed, start_step, start_step)
         self._file = open(self.path, "a")  # noqa: SIM115 - lives as long as the logger
         if log_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -252,6 +256,64 @@ class MetricsLogger:
         self.close()
 
 
+@contextlib.contextmanager
+def eval_progress(cfg, num_prompts: int, step: int):
+    """Log a held-out evaluation as it starts and ends (it can take minutes with no other output).
+
+    Yields `done(accuracy) -> accuracy`, which logs the result and the seconds taken.
+
+    Args:
+        cfg: the run `Config` (`eval.k`, `eval.max_prompts`).
+        num_prompts: prompts in the held-out set.
+        step: steps completed (0 = the starting model).
+    """
+    count = num_prompts if cfg.eval.max_prompts == 0 else min(num_prompts, cfg.eval.max_prompts)
+    logger.info("eval at step %d: avg@%d over %d held-out prompts (%d responses) ...", step, cfg.eval.k, count,
+                count * cfg.eval.k)
+    t0 = time.perf_counter()
+
+    def done(accuracy):
+        logger.info("eval at step %d: accuracy %.4f in %.1fs", step, accuracy, time.perf_counter() - t0)
+        return accuracy
+
+    yield done
+
+
+class RunClock:
+    """Wall-clock seconds of a run across resumes.
+
+    A checkpoint carries the run's total at save time (`state()`); the resumed process adds its own
+    seconds to it. Time an interrupted process spent after its last checkpoint is not counted: that
+    work was redone.
+
+    Args:
+        started: `time.perf_counter()` when this process started the run.
+        before: seconds of earlier processes, up to the checkpoint resumed from.
+    """
+
+    def __init__(self, started: float, before: float = 0.0):
+        self.started = started
+        self.before = float(before)
+
+    def since_resume(self) -> float:
+        return time.perf_counter() - self.started
+
+    def state(self) -> dict[str, float]:
+        """What a checkpoint keeps: {"wall_seconds": total so far}, rank 0's on every rank.
+
+        Call on every rank (it broadcasts): a checkpoint's `extra` must be equal on all of them.
+        """
+        box = [self.before + self.since_resume()]
+        if dist.is_initialized():
+            dist.broadcast_object_list(box, src=0)
+        return {"wall_seconds": box[0]}
+
+    def summary(self) -> dict[str, float]:
+        """{"wall_seconds": the run's total, "wall_seconds_since_resume": this process's part}."""
+        now = self.since_resume()
+        return {"wall_seconds": self.before + now, "wall_seconds_since_resume": now}
+
+
 class Timer:
     """Wall-clock seconds per phase (summed when a phase is entered more than once).
 
@@ -284,4 +346,4 @@ class Timer:
         return {f"seconds_{k}": v for k, v in self._seconds.items()}
 
 
-__all__ = ["METRIC_KEYS", "MetricsLogger", "Timer", "check_selected_fraction", "truncate_metrics"]
+__all__ = ["METRIC_KEYS", "MetricsLogger", "RunClock", "Timer", "eval_progress", "check_selected_fraction", "truncate_metrics"]
