@@ -86,7 +86,7 @@ class EmbeddedEngine:
 
         path = Path(model_path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--model {path}: expected an HF checkpoint directory with config.json")
+            raise FileNotFoundError(f"{path}: expected an HF checkpoint directory with config.json, found none")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else "auto"
