@@ -14,6 +14,10 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 SGLANG_URLS=${SGLANG_URLS:-http://127.0.0.1:30000}  # comma-separated
 EXTRA=()
 if [[ -n "${EVAL:-}" ]]; then EXTRA+=("eval.path=$EVAL"); fi
+# Every micro-batch has its own length: with expandable segments the caching allocator grows one
+# mapping instead of keeping a block per size, which stops fragmentation from eating the GPU over a
+# long run (train.pad_multiple, 128 on GPU, rounds the lengths too). Set your own value to override.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 exec torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$GPUS_PER_NODE" \
     --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \

@@ -119,8 +119,9 @@ def init_distributed(cfg: ParallelConfig | None = None) -> ParallelGroups:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if cuda:  # also when the caller started the group (e.g. gloo ranks sharing one GPU)
+        torch.cuda.set_device(local_cuda_device(os.environ.get("LOCAL_RANK", "0"), torch.cuda.device_count()))
+    if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
 
     world = dist.get_world_size()
@@ -171,6 +172,30 @@ def init_distributed(cfg: ParallelConfig | None = None) -> ParallelGroups:
         cp_size=cfg.cp,
         device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
     )
+
+
+def local_cuda_device(local_rank: str, device_count: int) -> int:
+    """The CUDA ordinal of this process: LOCAL_RANK, checked against the visible devices.
+
+    Args:
+        local_rank: the LOCAL_RANK environment value (as torchrun sets it).
+        device_count: `torch.cuda.device_count()`.
+
+    Raises:
+        ValueError: LOCAL_RANK is not an integer in [0, device_count), e.g. more processes per
+            node than visible GPUs (CUDA would report only "invalid device ordinal").
+    """
+    try:
+        ordinal = int(local_rank)
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK: expected an integer, found {local_rank!r}") from None
+    if not 0 <= ordinal < device_count:
+        raise ValueError(f"LOCAL_RANK={ordinal}: expected a CUDA device ordinal in [0, {device_count}) "
+                         f"({device_count} visible device(s), CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}); start at most {device_count} "
+                         "processes per node (torchrun --nproc_per_node), or hide CUDA "
+                         "(CUDA_VISIBLE_DEVICES='') to run on CPU with gloo")
+    return ordinal
 
 
 def destroy_distributed() -> None:

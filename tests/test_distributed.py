@@ -100,3 +100,30 @@ def test_rank_dying_silently_is_reported():
     with pytest.raises(RankFailure) as info:
         run_ranks(_die_on_rank0, 2, timeout=120)
     assert "died without reporting" in str(info.value) and "0: 3" in str(info.value)
+
+
+def _report_device_env(rank, world):
+    import torch
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ["LOCAL_RANK"], torch.cuda.is_available()
+
+
+def test_ranks_run_on_cpu_even_where_cuda_is_visible(monkeypatch):
+    # The harness hides the GPUs from its ranks: on a 1-GPU machine LOCAL_RANK=1 must never reach
+    # torch.cuda.set_device, and the ranks must not share cuda:0 behind gloo's back.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    got = run_ranks(_report_device_env, 2, init_process_group=False, timeout=120)
+    assert got == [("", "0", False), ("", "1", False)]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0", "the parent's environment must be restored"
+
+
+def test_local_rank_beyond_visible_gpus_is_a_clear_error():
+    from megafork.distributed import local_cuda_device
+
+    assert local_cuda_device("1", 2) == 1
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=1: expected a CUDA device ordinal in \[0, 1\).*nproc_per_node"):
+        local_cuda_device("1", 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK: expected an integer, found 'x'"):
+        local_cuda_device("x", 1)
+    with pytest.raises(ValueError, match=r"in \[0, 0\)"):
+        local_cuda_device("0", 0)

@@ -184,3 +184,74 @@ def test_policy_head_bad_input(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         fused_head_policy_loss(*args.values(), **kw)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that make a GPU wait for the host: data-dependent shapes and scalar reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("nonzero", "_local_scalar_dense", "masked_select", "unique_consecutive", "_unique2"):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_per_chunk_host_sync_inside_deferred_checks():
+    from megafork.ops import deferred_checks
+
+    g, h, w, labels = _inputs(5)
+    old, adv = torch.randn(T, generator=g) - 4, torch.randn(T, generator=g)
+    mask = torch.rand(T, generator=g) < 0.3
+    with deferred_checks(), HostReads() as probe:
+        loss, _ = fused_head_policy_loss(h, w, labels, old, adv, mask, chunk_size=4)  # 16 chunks
+        loss.backward()
+        lp, ent = fused_head_logprobs_entropy(h, w, labels, chunk_size=4)
+        (lp * mask + ent).sum().backward()
+    # Before: one nonzero per chunk and two label reads per call. Now the row plan costs one
+    # host read of the per-chunk counts per call (a .tolist, not dispatched on CPU).
+    assert probe.calls == []
+
+
+def test_rows_by_chunk_matches_nonzero_per_block():
+    from megafork.ops.vocab_stats import rows_by_chunk
+
+    g = torch.Generator().manual_seed(6)
+    for t, chunk, p in [(37, 8, 0.3), (32, 8, 1.0), (16, 5, 0.0), (1, 4, 1.0), (0, 4, 0.5)]:
+        active = torch.rand(t, generator=g) < p
+        plan = rows_by_chunk(active, chunk)
+        assert len(plan) == -(-t // chunk)
+        for i, rows in enumerate(plan):
+            block = active[i * chunk:(i + 1) * chunk]
+            want = torch.nonzero(block).squeeze(1)
+            if rows is None:
+                assert bool(block.all())
+            else:
+                assert torch.equal(rows, want), (t, chunk, i)
+
+
+def test_deferred_label_check_raises_at_block_exit():
+    from megafork.ops import deferred_checks
+
+    _, h, w, labels = _inputs(7)
+    bad = labels.clone()
+    bad[5] = V + 3
+    with pytest.raises(ValueError, match=r"labels \(tp rank 0\): expected ids in \[0, 50\), found 53"):
+        fused_head_logprobs_entropy(h, w, bad)  # outside a block: at once
+    reached = []
+    with pytest.raises(ValueError, match=r"expected ids in \[0, 50\), found 53"):
+        with deferred_checks():
+            with deferred_checks():  # nested: checked at the outermost exit
+                fused_head_logprobs_entropy(h, w, labels)
+                lp, _ = fused_head_logprobs_entropy(h, w, bad)
+            reached.append(bool(torch.isfinite(lp).all()))  # no error yet, and nothing read out of bounds
+    assert reached == [True]
+    with pytest.raises(RuntimeError, match="first"):  # an error inside the block is not masked
+        with deferred_checks():
+            fused_head_logprobs_entropy(h, w, bad)
+            raise RuntimeError("first")
+    with deferred_checks():  # the pending list was reset
+        fused_head_logprobs_entropy(h, w, labels)

@@ -238,6 +238,46 @@ def test_pack_microbatches_layout():
     assert mbs[0].response_mask[1].tolist() == [False, False, False, True, False]
 
 
+def test_pack_pads_lengths_to_a_multiple():
+    trajs = [_traj(3, p=2), _traj(1, p=4), _traj(2)]
+    plain = pack_microbatches(trajs, micro_batch_size=2, pad_id=7)
+    padded, spans = pack_minibatches([trajs[:2], trajs[2:]], micro_batch_size=2, pad_id=7, pad_multiple=8)
+    assert [mb.tokens.shape for mb in padded] == [torch.Size([2, 8]), torch.Size([1, 8])] and spans == [[0], [1]]
+    for p, q in zip(plain[:1], padded[:1]):
+        s = p.tokens.shape[1]
+        for field in ("tokens", "labels", "response_mask", "advantages", "rollout_logprobs"):
+            assert torch.equal(getattr(q, field)[:, :s], getattr(p, field)), field
+        assert (q.tokens[:, s:] == 7).all() and not q.response_mask[:, s:].any() and (q.labels[:, s:] == 0).all()
+        assert q.position_ids[0].tolist() == list(range(8))
+    with pytest.raises(ValueError, match="train.pad_multiple: expected >= 1 once resolved, found 0"):
+        pack_microbatches(trajs, 2, pad_multiple=0)
+
+
+def test_pad_multiple_auto_is_128_on_gpu_only():
+    from megafork.train.setup import Run
+
+    assert Run.resolve_pad_multiple(0, torch.device("cuda", 0)) == 128
+    assert Run.resolve_pad_multiple(0, torch.device("cpu")) == 1
+    assert Run.resolve_pad_multiple(256, torch.device("cpu")) == 256
+
+
+def test_microbatches_move_to_the_device_one_at_a_time(monkeypatch):
+    from megafork.train.batch import MicroBatch
+    from megafork.train.update import to_device_one_at_a_time
+
+    mbs = pack_microbatches([_traj(), _traj(2), _traj(3)], micro_batch_size=1)
+    moved = []
+    real_to = MicroBatch.to
+    monkeypatch.setattr(MicroBatch, "to", lambda self, device: moved.append(self) or real_to(self, device))
+    it = to_device_one_at_a_time(mbs, torch.device("meta"))
+    assert moved == []
+    first = next(it)
+    assert [id(m) for m in moved] == [id(mbs[0])] and first.tokens.device.type == "meta"
+    assert all(mb.tokens.device.type == "cpu" for mb in mbs), "the host copies stay on the host"
+    assert [mb.tokens.shape for mb in it] == [mb.tokens.shape for mb in mbs[1:]]
+    assert [id(m) for m in moved] == [id(m) for m in mbs]
+
+
 @pytest.mark.parametrize("trajs, mbs, match", [
     ([_traj()], 0, r"train.micro_batch_size: expected >= 1, found 0"),
     ([_traj(), _traj(), _traj(0)], 2, r"trajectory 2: expected at least one response token"),

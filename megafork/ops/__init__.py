@@ -24,5 +24,7 @@ local shard's. Every function works unchanged with `tp_group=None` on one proces
 from megafork.ops.fused_head import fused_head_logprobs_entropy
 from megafork.ops.fused_policy import fused_head_policy_loss
 from megafork.ops.vocab_parallel import vocab_parallel_logprobs_entropy
+from megafork.ops.vocab_stats import deferred_checks
 
-__all__ = ["fused_head_logprobs_entropy", "fused_head_policy_loss", "vocab_parallel_logprobs_entropy"]
+__all__ = ["deferred_checks", "fused_head_logprobs_entropy", "fused_head_policy_loss",
+           "vocab_parallel_logprobs_entropy"]

@@ -26,9 +26,10 @@ from megafork.ops.vocab_stats import (
     chunk_stats,
     compute_dtype,
     default_chunk,
+    any_nonzero,
     logits_grad,
     make_shard,
-    nonzero_rows,
+    rows_by_chunk,
 )
 
 
@@ -133,9 +134,10 @@ class _FusedHeadLogprobEntropy(torch.autograd.Function):
         g1 = None if g_logprob is None else g_logprob.to(cd)
         g2 = None if g_entropy is None else g_entropy.to(cd)
         ws = Workspace(min(chunk, t), shard.valid, cd, hidden.device)
+        plan = rows_by_chunk(any_nonzero(g1, g2), chunk)
         for a in range(0, t, chunk):
             b = min(t, a + chunk)
-            rows = nonzero_rows(b - a, hidden.device, *(None if g is None else g[a:b] for g in (g1, g2)))
+            rows = plan[a // chunk]
             if rows is not None and rows.numel() == 0:
                 continue
             # Only the rows with a gradient are recomputed and differentiated.

@@ -68,7 +68,7 @@ from megafork.ops.vocab_stats import (
     compute_dtype,
     default_chunk,
     logits_grad,
-    nonzero_rows,
+    rows_by_chunk,
 )
 
 
@@ -172,6 +172,9 @@ def fused_head_policy_loss(
     dw = h_all.new_zeros(shard.valid, h_all.shape[1], dtype=cd) if need_w else None
     scale = 1.0 / norm
     ws = Workspace(min(chunk, t), shard.valid, cd, h_all.device)
+    # Gradient rows are the masked ones (a clipped ratio only zeroes some of them): planned once
+    # for the call, one host sync, instead of a nonzero per chunk.
+    plan = rows_by_chunk(mask, chunk) if (need_h or need_w) and t else []
 
     with torch.no_grad():
         for a in range(0, t, chunk):
@@ -187,7 +190,7 @@ def fused_head_policy_loss(
             if w1d is not None:
                 dl = dl * w1d[a:b].to(cd)
             g = torch.where(mask[a:b], dl, torch.zeros_like(dl)) * scale
-            rows = nonzero_rows(b - a, h.device, g)
+            rows = plan[a // chunk]
             if rows is not None and rows.numel() == 0:
                 continue
             if rows is not None:

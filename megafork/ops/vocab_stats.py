@@ -21,6 +21,8 @@ e = exp(s - m), S = sum e, W = sum e * (s - m). Then
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -99,11 +101,50 @@ def check_labels(labels: torch.Tensor, lead_shape: torch.Size, shard: VocabShard
         raise ValueError(f"labels: expected shape {tuple(lead_shape)} (the leading dims of {what}), "
                          f"found {tuple(labels.shape)}")
     if labels.numel():
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= shard.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"labels (tp rank {shard.tp_rank}): expected ids in [0, {shard.vocab_size}), "
-                             f"found {bad}")
+        lo, hi = labels.min(), labels.max()
+        if _deferred is not None:  # checked at the end of the `deferred_checks` block, without a sync here
+            _deferred.append((lo, hi, shard))
+        else:
+            _raise_if_out_of_range(int(lo), int(hi), shard)
+
+
+def _raise_if_out_of_range(lo: int, hi: int, shard: VocabShard) -> None:
+    if lo < 0 or hi >= shard.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"labels (tp rank {shard.tp_rank}): expected ids in [0, {shard.vocab_size}), found {bad}")
+
+
+# Label ranges awaiting their check: (min, max, shard) per op call, inside `deferred_checks`.
+_deferred: list[tuple[torch.Tensor, torch.Tensor, VocabShard]] | None = None
+
+
+@contextmanager
+def deferred_checks() -> Iterator[None]:
+    """Check the ops' label ranges once, at the end of the block, instead of once per call.
+
+    Reading a label's min/max on the host stalls the GPU until every queued kernel has run;
+    per micro-batch that is a sync per op call. Inside this block the ops only queue the min
+    and max on the device, and leaving the block reads them all at once (one sync) and raises
+    the same ValueError as the immediate check. Out-of-range labels are harmless meanwhile: the
+    ops clamp the columns they gather, so nothing reads out of bounds before the error.
+    Nested blocks check at the outermost exit. An exception inside the block skips the check.
+    """
+    global _deferred
+    outer = _deferred
+    if outer is None:
+        _deferred = []
+    try:
+        yield
+        if outer is None and _deferred:
+            pending = _deferred
+            dev = pending[0][0].device
+            bounds = torch.stack([torch.stack([lo, hi]).to(device=dev, dtype=torch.int64)
+                                  for lo, hi, _ in pending]).tolist()  # the one host sync
+            for (lo, hi), (_, _, shard) in zip(bounds, pending, strict=True):
+                _raise_if_out_of_range(lo, hi, shard)
+    finally:
+        if outer is None:
+            _deferred = None
 
 
 def check_chunk_size(chunk_size: int | None) -> None:
@@ -228,17 +269,42 @@ def logits_grad(e: torch.Tensor, shifted: torch.Tensor | None, labels: torch.Ten
     return e
 
 
-def nonzero_rows(rows: int, device: torch.device, *grads: torch.Tensor | None) -> torch.Tensor | None:
-    """Indices of the rows where any of `grads` is non-zero; None when that is every row.
+def rows_by_chunk(active: torch.Tensor, chunk: int) -> list[torch.Tensor | None]:
+    """Per block of `chunk` rows, the indices (within the block) of the `active` rows.
 
     The LM-head gradient GEMMs then run only over these rows, so their cost scales with the
-    fraction of tokens that carry a gradient (the forking tokens).
+    fraction of tokens that carry a gradient (the forking tokens). The GEMM sizes must be known
+    on the host, so this reads the per-block counts once for the whole call (one host sync),
+    where a `nonzero` per block would sync once per block.
+
+    Args:
+        active: [T] bool, the rows that carry a gradient.
+        chunk: rows per block (the last block may be shorter).
+
+    Returns:
+        One entry per block: None when every row of the block is active, else a (possibly
+        empty) long tensor of row indices relative to the block start, ascending.
     """
+    t = active.numel()
+    n_blocks = -(-t // chunk)
+    flags = active.to(torch.int32)
+    padded = torch.nn.functional.pad(flags, (0, n_blocks * chunk - t))
+    counts = padded.view(n_blocks, chunk).sum(1).tolist()  # the one host sync
+    # Active rows first, each group in ascending order: a stable sort, no data-dependent shape.
+    order = torch.argsort(1 - flags, stable=True)[:sum(counts)]
+    out: list[torch.Tensor | None] = []
+    start = 0
+    for i, n in enumerate(counts):
+        rows = min(chunk, t - i * chunk)
+        out.append(None if n == rows else order[start:start + n] - i * chunk)
+        start += n
+    return out
+
+
+def any_nonzero(*grads: torch.Tensor | None) -> torch.Tensor | None:
+    """[T] bool: rows where any of `grads` is non-zero (None when no gradient is given)."""
     active = None
     for g in grads:
         if g is not None:
             active = (g != 0) if active is None else active | (g != 0)
-    if active is None:
-        return torch.empty(0, dtype=torch.long, device=device)
-    idx = torch.nonzero(active).squeeze(1)
-    return None if idx.numel() == rows else idx
+    return active

@@ -167,6 +167,84 @@ def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], max_bytes: i
         yield bucket
 
 
+@dataclass
+class PackedBucket:
+    """One flattened bucket ready to send: `flat` holds the tensors' bytes in `names` order."""
+
+    flat: torch.Tensor
+    names: list[str]
+    dtypes: list[torch.dtype]
+    shapes: list[tuple[int, ...]]
+
+    def tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Typed views of the packed tensors (e.g. for checksums)."""
+        return unpack(self.flat, layout(self.names, self.dtypes, self.shapes))
+
+
+class BucketPacker:
+    """Packs a stream of tensors straight into reused flat buffers, dropping each once copied.
+
+    Grouping the tensors first (`iter_buckets`) and then packing holds a bucket's worth of
+    gathered tensors plus a fresh flat copy of them; on a GPU, with one bucket on the wire, that
+    is three buckets of transient memory, each allocated at its own size. Here each tensor is
+    copied into the current buffer as it arrives and its reference dropped, so the exporter's
+    gathered pieces are freed one by one, and the two buffers (one being sent, one being packed)
+    are allocated once at `max_bytes` and reused by every later bucket and sync.
+
+    Tensors stay in arrival order; a bucket is closed early when the next tensor would start at
+    an offset that is not a multiple of its itemsize (the receiver rejects that), which for
+    a model of one dtype never happens. A tensor larger than `max_bytes` travels alone, as a
+    uint8 view of itself, without a copy.
+
+    The caller must be done with bucket i - 1 (its transfer finished) before asking for bucket
+    i + 1: that one is packed into the same buffer.
+    """
+
+    def __init__(self, max_bytes: int, device: torch.device):
+        if not isinstance(max_bytes, int) or max_bytes < 1:
+            raise ValueError(f"bucket_bytes: expected a positive byte count, found {max_bytes!r}")
+        self.max_bytes, self.device = max_bytes, torch.device(device)
+        self._buffers: list[torch.Tensor | None] = [None, None]
+
+    def packed(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[PackedBucket]:
+        """Yield the buckets of `named_tensors` (consumed lazily), alternating the two buffers."""
+        slot, offset = 0, 0
+        names: list[str] = []
+        dtypes: list[torch.dtype] = []
+        shapes: list[tuple[int, ...]] = []
+        stream = iter(named_tensors)
+        while (item := next(stream, None)) is not None:
+            name, tensor = item
+            item = None  # the loop keeps no reference to a packed tensor
+            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"weight sync: expected (hf_name: str, tensor) pairs, found ({type(name).__name__}, "
+                                f"{type(tensor).__name__})")
+            nbytes = tensor.numel() * tensor.element_size()
+            if names and (offset + nbytes > self.max_bytes or offset % tensor.element_size()):
+                yield PackedBucket(self._buffer(slot)[:offset], names, dtypes, shapes)
+                slot, offset, names, dtypes, shapes = 1 - slot, 0, [], [], []
+            if nbytes > self.max_bytes:  # alone, uncopied
+                flat = tensor.detach().to(self.device).contiguous().reshape(-1).view(torch.uint8)
+                shape, dtype = tuple(tensor.shape), tensor.dtype
+                del tensor
+                yield PackedBucket(flat, [name], [dtype], [shape])
+                del flat
+                continue
+            copy_bytes(self._buffer(slot)[offset:offset + nbytes], tensor)
+            names.append(name)
+            dtypes.append(tensor.dtype)
+            shapes.append(tuple(tensor.shape))
+            offset += nbytes
+            del tensor  # freed now (the exporter yields fresh copies and keeps none)
+        if names:
+            yield PackedBucket(self._buffer(slot)[:offset], names, dtypes, shapes)
+
+    def _buffer(self, slot: int) -> torch.Tensor:
+        if self._buffers[slot] is None:
+            self._buffers[slot] = torch.empty(self.max_bytes, dtype=torch.uint8, device=self.device)
+        return self._buffers[slot]
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:

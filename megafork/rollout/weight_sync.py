@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megafork.rollout.buckets import dtype_name, iter_buckets, pack, tensor_checksum
+from megafork.rollout.buckets import BucketPacker, PackedBucket, dtype_name, iter_buckets, tensor_checksum
 from megafork.rollout.httpjson import check_ok, get_info, request_json
 from megafork.rollout.process_group import destroy_weight_update_group, init_weight_update_group
 from megafork.rollout.protocol import DEFAULT_GROUP
@@ -136,7 +136,7 @@ class HttpWeightSender:
         self.engine_ranks = engine_ranks
         self.pg: dist.ProcessGroup | None = None
         self.device = torch.device("cpu")
-        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._packer: BucketPacker | None = None  # its two buffers are kept between syncs
         self._http = ThreadPoolExecutor(max_workers=max(2, len(self.urls)), thread_name_prefix="wsync-http")
         self._wire = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsync-wire")
         self._sessionless: set[str] = set()  # servers that answered 404 on /begin_weight_update
@@ -235,42 +235,36 @@ class HttpWeightSender:
         t0 = time.perf_counter()
         stats = SyncStats()
         in_flight: Future | None = None
-        for i, bucket in enumerate(iter_buckets(named_tensors, self.config.bucket_bytes)):
-            if self.config.resolved_load_format() == "flattened_bucket":
-                size = sum(t.numel() * t.element_size() for _, t in bucket)
-                flat, names, dtypes, shapes = pack(bucket, self.device, out=self._pack_buffer(i % 2, size))
-                payload, meta_extra = [flat], {"load_format": "flattened_bucket"}
+        if self.config.resolved_load_format() == "flattened_bucket":
+            if self._packer is None or self._packer.device != self.device:
+                self._packer = BucketPacker(self.config.bucket_bytes, self.device)
+            buckets = self._packer.packed(named_tensors)  # packed as they arrive, into reused buffers
+        else:
+            buckets = iter_buckets(named_tensors, self.config.bucket_bytes)
+        for bucket in buckets:
+            if isinstance(bucket, PackedBucket):
+                names, dtypes, shapes = bucket.names, bucket.dtypes, bucket.shapes
+                payload, meta_extra, tensors = [bucket.flat], {"load_format": "flattened_bucket"}, bucket.tensors()
             else:
                 names, dtypes, shapes = [n for n, _ in bucket], [t.dtype for _, t in bucket], [t.shape for _, t in bucket]
-                payload, meta_extra = [t.detach().to(self.device).contiguous() for _, t in bucket], {}
+                payload, meta_extra, tensors = [t.detach().to(self.device).contiguous() for _, t in bucket], {}, bucket
             body = {"names": names, "dtypes": [dtype_name(d) for d in dtypes], "shapes": [list(s) for s in shapes],
                     "group_name": self.config.group_name, "weight_version": weight_version, **meta_extra}
             expected = None
             if self.config.verify_checksums:
                 body["return_checksums"] = True
-                expected = {n: tensor_checksum(t) for n, t in bucket}
+                expected = {n: tensor_checksum(t) for n, t in tensors}
+            del tensors, bucket  # nothing of a packed bucket outlives its copy into the buffer
             if in_flight is not None:
                 in_flight.result()
             in_flight = self._wire.submit(self._transmit, body, payload, expected)
-            stats.num_tensors += len(bucket)
+            stats.num_tensors += len(names)
             stats.num_buckets += 1
-            stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            stats.bytes += sum(p.numel() * p.element_size() for p in payload)
         if in_flight is not None:
             in_flight.result()
         stats.seconds = time.perf_counter() - t0
         return stats
-
-    def _pack_buffer(self, slot: int, nbytes: int) -> torch.Tensor | None:
-        """Two alternating pack buffers (one on the wire, one being packed), kept between syncs on
-        CPU, where there is no caching allocator and fresh memory page-faults; on GPU, None (the
-        caching allocator already reuses memory)."""
-        if self.device.type != "cpu":
-            return None
-        buf = self._buffers[slot]
-        if buf is None or buf.numel() < nbytes:
-            self._buffers[slot] = None
-            buf = self._buffers[slot] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        return buf
 
     def _transmit(self, body: dict, payload: list[torch.Tensor], expected: dict | None) -> None:
         path = "/update_weights_from_distributed"
@@ -324,7 +318,7 @@ class HttpWeightSender:
                     log.warning("could not destroy the weight-update group on %s: %s", url, exc)
             destroy_weight_update_group(self.pg)
             self.pg = None
-        self._buffers = [None, None]
+        self._packer = None
         self._http.shutdown(wait=False)
         self._wire.shutdown(wait=False)
 

@@ -4,7 +4,8 @@
     results = run_ranks(fn, world_size=2, args=(x,), timeout=120)
 
 `fn(rank, world_size, *args)` runs in a fresh process with torch.distributed initialised
-(gloo, a free loopback port). It must be importable by name (a module-level function). The
+(gloo, a free loopback port). The ranks run on CPU even where CUDA is visible (the harness
+hides the GPUs from them), unless `device="cuda"` asks for the ranks to share the visible GPUs. It must be importable by name (a module-level function). The
 return values come back in rank order. A failure on any rank raises `RankFailure` carrying
 that rank's traceback; a hang raises it after `timeout` seconds and kills every rank, so a
 broken collective can never block CI.
@@ -17,7 +18,8 @@ import queue
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -34,10 +36,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, rank, world_size, port, args, kwargs, init_pg, results):
+@contextmanager
+def _environ(overrides: dict[str, str]) -> Iterator[None]:
+    """Set environment variables while child processes start (spawn copies os.environ then)."""
+    saved = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _device_env(device: str) -> dict[str, str]:
+    """What the ranks' environment must say for `device`, fixed before any rank starts.
+
+    "cpu" hides every GPU: CUDA_VISIBLE_DEVICES must be set before the child first touches CUDA,
+    which may happen while it unpickles `fn` (importing a test module that asks
+    `torch.cuda.is_available()`), so it is set in the parent around `Process.start()`.
+    """
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("run_ranks(device='cuda'): no CUDA device is visible")
+        return {}
+    raise ValueError(f"run_ranks: device expected 'cpu' or 'cuda', found {device!r}")
+
+
+def _local_rank(rank: int, device: str) -> int:
+    """LOCAL_RANK of a rank: its index on CPU; on CUDA, a visible GPU (ranks share them round-robin)."""
+    if device == "cuda":
+        import torch
+
+        return rank % torch.cuda.device_count()
+    return rank
+
+
+def _worker(fn, rank, world_size, port, args, kwargs, init_pg, results, device="cpu"):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(_local_rank(rank, device)), LOCAL_WORLD_SIZE=str(world_size),
         # Two cores shared by up to four ranks: one intra-op thread each avoids oversubscription.
         OMP_NUM_THREADS=os.environ.get("MEGAFORK_TEST_THREADS", "1"),
     )
@@ -88,6 +132,7 @@ def _run_ranks_once(
     kwargs: dict | None = None,
     timeout: float = 180.0,
     init_process_group: bool = True,
+    device: str = "cpu",
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` spawned gloo ranks.
 
@@ -99,6 +144,10 @@ def _run_ranks_once(
         timeout: seconds for the whole run before every rank is killed.
         init_process_group: if False, the ranks get MASTER_ADDR/PORT but no default group
             (for code under test that initialises torch.distributed itself).
+        device: "cpu" (default): the ranks see no GPU (CUDA_VISIBLE_DEVICES=""), so megafork
+            runs them on CPU with gloo even on a GPU machine. "cuda": the ranks keep the visible
+            GPUs and share them round-robin (LOCAL_RANK = rank % device count); the default
+            group is still gloo, which lets several ranks use one GPU (NCCL refuses that).
 
     Returns:
         The per-rank return values, in rank order.
@@ -111,12 +160,13 @@ def _run_ranks_once(
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world_size, port, args, kwargs or {}, init_process_group, results),
-                    daemon=False)
+        ctx.Process(target=_worker, daemon=False,
+                    args=(fn, r, world_size, port, args, kwargs or {}, init_process_group, results, device))
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    with _environ(_device_env(device)):
+        for p in procs:
+            p.start()
     outcomes: dict[int, tuple[bool, Any]] = {}
     deadline = time.monotonic() + timeout
     try:

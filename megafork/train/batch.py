@@ -65,13 +65,16 @@ class MicroBatch:
         return MicroBatch(**moved)
 
 
-def pack_microbatches(trajs: list[Trajectory], micro_batch_size: int, pad_id: int = 0) -> list[MicroBatch]:
+def pack_microbatches(trajs: list[Trajectory], micro_batch_size: int, pad_id: int = 0,
+                      pad_multiple: int = 1) -> list[MicroBatch]:
     """Pack trajectories, in order, into micro-batches of `micro_batch_size` rows.
 
     Args:
         trajs: the trajectories (this rank's share).
         micro_batch_size: rows per micro-batch; the last one may be smaller.
         pad_id: id written into padding positions (never attended to by real tokens, never a label).
+        pad_multiple: round each micro-batch's length up to a multiple of this. On GPU a few
+            distinct shapes let the caching allocator reuse its blocks (`train.pad_multiple`).
 
     Raises:
         ValueError: a trajectory with no prompt or response tokens or mismatched log-probs (names its
@@ -79,6 +82,8 @@ def pack_microbatches(trajs: list[Trajectory], micro_batch_size: int, pad_id: in
     """
     if micro_batch_size < 1:
         raise ValueError(f"train.micro_batch_size: expected >= 1, found {micro_batch_size}")
+    if pad_multiple < 1:
+        raise ValueError(f"train.pad_multiple: expected >= 1 once resolved, found {pad_multiple}")
     out = []
     for start in range(0, len(trajs), micro_batch_size):
         chunk = trajs[start:start + micro_batch_size]
@@ -91,6 +96,7 @@ def pack_microbatches(trajs: list[Trajectory], micro_batch_size: int, pad_id: in
                 raise ValueError(f"trajectory {i}: expected one rollout log-prob per response token "
                                  f"({len(t.response_ids)}), found {len(t.rollout_logprobs)}")
         seq = max(len(t.prompt_ids) + len(t.response_ids) for t in chunk)
+        seq = -(-seq // pad_multiple) * pad_multiple
         b = len(chunk)
         tokens = torch.full((b, seq), pad_id, dtype=torch.long)
         labels = torch.zeros((b, seq), dtype=torch.long)

@@ -246,6 +246,8 @@ class TrainConfig:
         prompts_per_step: prompts whose groups make one step's batch (paper: 512).
         minibatch_prompts: prompts per optimizer update (paper: 32, i.e. 16 updates per step).
         micro_batch_size: sequences per forward/backward micro-batch (per DP rank).
+        pad_multiple: pad each micro-batch's length up to a multiple of this (0 = auto: 128 on
+            GPU, where a few distinct lengths keep the caching allocator from fragmenting, 1 on CPU).
         save_every: checkpoint every this many steps (0 = only at the end).
         resume: "auto" (the latest checkpoint of the run, if any), "none", or a checkpoint path.
         extend_steps: allow resuming a checkpoint whose LR schedule differs from this run's (e.g. a
@@ -260,6 +262,7 @@ class TrainConfig:
     prompts_per_step: int = 512
     minibatch_prompts: int = 32
     micro_batch_size: int = 4
+    pad_multiple: int = 0
     save_every: int = 20
     resume: str = "auto"
     extend_steps: bool = False
@@ -269,7 +272,7 @@ class TrainConfig:
     def __post_init__(self):
         _check_types(self, "train")
         _positive(self, "train", "steps", "prompts_per_step", "minibatch_prompts", "micro_batch_size")
-        _positive(self, "train", "save_every", "seed", "keep_last", allow_zero=True)
+        _positive(self, "train", "save_every", "seed", "keep_last", "pad_multiple", allow_zero=True)
         _require(self.prompts_per_step % self.minibatch_prompts == 0, "train.prompts_per_step",
                  f"a multiple of train.minibatch_prompts={self.minibatch_prompts}", self.prompts_per_step)
         _require(bool(self.resume), "train.resume", "'auto', 'none' or a checkpoint path", self.resume)

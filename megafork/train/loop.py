@@ -54,8 +54,8 @@ def train(cfg) -> dict:
                 shares = split_for_dp(trajs, cfg.algo.n, cfg.train.minibatch_prompts, groups.dp_size)
             (rstats, sampler_state), my_share = scatter_step((rstats, run.sampler.state_dict()), shares, dp_rank_of)
             run.sampler.load_state_dict(sampler_state)
-        mbs, minis = pack_minibatches(my_share, cfg.train.micro_batch_size, pad_id=_pad_id(run))
-        mbs = [mb.to(groups.device) for mb in mbs]
+        mbs, minis = pack_minibatches(my_share, cfg.train.micro_batch_size, pad_id=_pad_id(run),
+                                      pad_multiple=run.pad_multiple)  # host tensors; moved one at a time
         threshold, sums = math.nan, {}
         if mbs:
             with timer("old_pass"):

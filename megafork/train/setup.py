@@ -38,6 +38,12 @@ class Run:
     reward_fn: object
     engine: object = None   # rank 0 only
     sender: object = None   # rank 0 only
+    pad_multiple: int = 1   # micro-batch lengths are rounded up to a multiple of this
+
+    @staticmethod
+    def resolve_pad_multiple(pad_multiple: int, device) -> int:
+        """`train.pad_multiple`, with 0 (auto) meaning 128 on CUDA and 1 elsewhere."""
+        return pad_multiple or (128 if device.type == "cuda" else 1)
 
     @property
     def unwrapped(self):
@@ -85,7 +91,8 @@ def build_run(cfg, groups) -> Run:
     run = Run(cfg=cfg, groups=groups, model=chunks, optimizer=optimizer, scheduler=scheduler,
               vocab_size=hf.vocab_size, loss_cfg=loss_cfg, tokenizer=tokenizer, dataset=dataset,
               eval_dataset=eval_dataset, sampler=sampler, reward_fn=get_reward(cfg.data.reward),
-              engine=engine, sender=sender)
+              engine=engine, sender=sender,
+              pad_multiple=Run.resolve_pad_multiple(cfg.train.pad_multiple, groups.device))
     return run
 
 

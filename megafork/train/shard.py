@@ -62,9 +62,9 @@ def scatter_step(payload, shares: list | None, dp_rank_of: list[int]):
     return box[0]
 
 
-def pack_minibatches(minis: list[list[Trajectory]], micro_batch_size: int, pad_id: int
+def pack_minibatches(minis: list[list[Trajectory]], micro_batch_size: int, pad_id: int, pad_multiple: int = 1
                      ) -> tuple[list[MicroBatch], list[list[int]]]:
-    """Pack each mini-batch's trajectories into micro-batches.
+    """Pack each mini-batch's trajectories into micro-batches (lengths rounded up to `pad_multiple`).
 
     Returns:
         (all micro-batches, the indices of each mini-batch's micro-batches).
@@ -72,7 +72,7 @@ def pack_minibatches(minis: list[list[Trajectory]], micro_batch_size: int, pad_i
     microbatches: list[MicroBatch] = []
     spans: list[list[int]] = []
     for mine in minis:
-        packed = pack_microbatches(mine, micro_batch_size, pad_id) if mine else []
+        packed = pack_microbatches(mine, micro_batch_size, pad_id, pad_multiple) if mine else []
         spans.append(list(range(len(microbatches), len(microbatches) + len(packed))))
         microbatches += packed
     return microbatches, [s for s in spans if s]

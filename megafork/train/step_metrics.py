@@ -52,9 +52,12 @@ def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, time
 
 
 def _token_stats(mbs, sums: dict, g) -> dict:
-    ent, resp = _flat(mbs, "entropy"), _flat_mask(mbs)
+    # Per-token results live on the device (old pass, selection); the batch fields on the host.
+    ent = _flat(mbs, "entropy")
+    resp = _flat_mask(mbs).to(ent.device)
     sel = _flat(mbs, "fork_mask") if mbs and mbs[0].fork_mask is not None else None
-    old, rollout = response_tokens(mbs, "old_logprobs"), response_tokens(mbs, "rollout_logprobs")
+    old = response_tokens(mbs, "old_logprobs")
+    rollout = response_tokens(mbs, "rollout_logprobs").to(old.device)
     local = {
         "response_tokens": float(resp.sum()),
         "selected_count": float(sel[resp].sum()) if sel is not None else float(sums.get("selected", 0.0)),
@@ -122,9 +125,9 @@ def dump_entropy(run, run_dir, step: int, mbs, threshold: float) -> None:
     for mb in mbs:
         rows, cols = mb.response_mask.nonzero(as_tuple=True)
         ids.append(mb.labels[rows, cols])
-        ent.append(mb.entropy[rows, cols])
+        ent.append(mb.entropy[rows, cols].cpu())
         fork = mb.fork_mask if mb.fork_mask is not None else torch.zeros_like(mb.response_mask)
-        sel.append(fork[rows, cols])
+        sel.append(fork[rows, cols].cpu())
         resp_idx.append(rows + row0)
         first = mb.response_mask.float().argmax(dim=1)
         pos.append(cols - first[rows])

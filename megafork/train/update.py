@@ -8,19 +8,36 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
 from megafork.forking import select_forking_tokens
+from megafork.ops import deferred_checks
 from megafork.pipeline import PolicyLossConfig, logprob_forward_step, policy_forward_step
 from megafork.train.batch import MicroBatch
 
 log = logging.getLogger(__name__)
 
 
+def to_device_one_at_a_time(microbatches: list[MicroBatch], device: torch.device) -> Iterator[MicroBatch]:
+    """The schedule's data iterator: each micro-batch moves to `device` only when it is consumed.
+
+    The step's micro-batches stay on the host (about 42 bytes a token); only the one in flight
+    (plus its per-token results, which the old pass keeps on the device for the selection) is
+    on the accelerator, so device memory does not grow with the step's token count.
+    """
+    for mb in microbatches:
+        yield mb.to(device)
+
+
 def run_schedule(model_chunks, forward_step, microbatches: list[MicroBatch], forward_only: bool, groups):
-    """One call of megatron's forward_backward_func over `microbatches`."""
+    """One call of megatron's forward_backward_func over `microbatches` (moved to the device lazily).
+
+    Label checks in the ops are deferred to the end of the call on CUDA (one host sync per call,
+    not several per micro-batch); a bad label still raises a ValueError naming it.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func(pp_size=groups.pp_size)
@@ -31,10 +48,11 @@ def run_schedule(model_chunks, forward_step, microbatches: list[MicroBatch], for
         from megatron.core.utils import get_model_config
 
         kwargs["p2p_communicator"] = P2PCommunicator(groups.pg_collection.pp, get_model_config(model_chunks[0]))
-    return fb(forward_step_func=forward_step, data_iterator=iter(microbatches), model=model_chunks,
-              num_microbatches=len(microbatches), seq_length=seq,
-              micro_batch_size=microbatches[0].tokens.shape[0], forward_only=forward_only,
-              pg_collection=groups.pg_collection, **kwargs)
+    with deferred_checks():
+        return fb(forward_step_func=forward_step, data_iterator=to_device_one_at_a_time(microbatches, groups.device),
+                  model=model_chunks, num_microbatches=len(microbatches), seq_length=seq,
+                  micro_batch_size=microbatches[0].tokens.shape[0], forward_only=forward_only,
+                  pg_collection=groups.pg_collection, **kwargs)
 
 
 def old_pass(model_chunks, microbatches: list[MicroBatch], groups, vocab_size: int, temperature: float,
@@ -76,7 +94,8 @@ def select(microbatches: list[MicroBatch], forking_cfg, minibatches: list[list[i
              "microbatch": [[i] for i in range(len(microbatches))]}[scope]
     for span in spans:
         ent = torch.cat([microbatches[i].entropy.reshape(-1) for i in span])
-        resp = torch.cat([microbatches[i].response_mask.reshape(-1) for i in span])
+        # The entropies are on the device (old-pass output); the host masks join them there.
+        resp = torch.cat([microbatches[i].response_mask.reshape(-1) for i in span]).to(ent.device)
         sel = select_forking_tokens(ent, resp, ratio, mode=mode, group=groups.dp_cp, generator=gen)
         offset = 0
         for i in span:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megafork.models.qwen3.config import Qwen3BuildOptions, read_hf_config
 from megafork.models.qwen3.hf_io import SAFETENSORS_INDEX, export_hf_tensors
 from megafork.models.qwen3.model import Qwen3GPTModel, build_qwen3
+from megafork.models.qwen3.spec_keys import match_checkpoint_keys, stored_keys
 
 META_FILE = "megafork_qwen3.json"
 # Files an HF checkpoint carries besides its weights; copied verbatim when present.
@@ -100,6 +101,9 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
 def load_megatron_checkpoint(model: Qwen3GPTModel, ckpt_dir: str | Path) -> None:
     """Load a dist_checkpointing checkpoint into `model`, resharding to the model's TP/PP.
 
+    The checkpoint may come from another layer spec (local or transformer-engine): norm names
+    and `_extra_state` are matched by `spec_keys.match_checkpoint_keys`.
+
     Args:
         model: a stage built for the current layout with the checkpoint's padded vocab
             (`build_from_megatron_checkpoint` does both).
@@ -111,7 +115,9 @@ def load_megatron_checkpoint(model: Qwen3GPTModel, ckpt_dir: str | Path) -> None
     if meta["padded_vocab_size"] != model.vocab_size:
         raise ValueError(f"{Path(ckpt_dir) / META_FILE}: padded_vocab_size {meta['padded_vocab_size']} "
                          f"but the model was built with {model.vocab_size}")
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    # Spec-neutral: a local-spec checkpoint loads into a TE model and vice versa.
+    sharded = match_checkpoint_keys(model.sharded_state_dict(), stored_keys(ckpt_dir), str(ckpt_dir))
+    state = dist_checkpointing.load(sharded, str(ckpt_dir))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -97,7 +97,7 @@ def layer_spec(hf: Qwen3HFConfig, opts: Qwen3BuildOptions):
 
 
 def build_qwen3(hf: Qwen3HFConfig, opts: Qwen3BuildOptions, groups, vp_stage: int | None = None,
-                padded_vocab: int | None = None) -> Qwen3GPTModel:
+                padded_vocab: int | None = None, layer_spec_override=None) -> Qwen3GPTModel:
     """Build this rank's stage of Qwen3 as a megatron-core GPTModel.
 
     Args:
@@ -107,6 +107,8 @@ def build_qwen3(hf: Qwen3HFConfig, opts: Qwen3BuildOptions, groups, vp_stage: in
         vp_stage: virtual pipeline stage (None without interleaving).
         padded_vocab: vocab rows including padding; default `padded_vocab_size(vocab, tp,
             opts.vocab_multiple)`. Checkpoints record theirs so any TP it divides can load them.
+        layer_spec_override: a megatron layer ModuleSpec to use instead of `layer_spec(hf, opts)`
+            (the CPU tests build a TE-named spec this way).
 
     Returns:
         The model on `groups.device`, in `opts.dtype`, with `hf_config` and
@@ -120,7 +122,7 @@ def build_qwen3(hf: Qwen3HFConfig, opts: Qwen3BuildOptions, groups, vp_stage: in
                          f"divisible by tensor-parallel size {groups.tp_size}")
     model = Qwen3GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(hf, opts),
+        transformer_layer_spec=layer_spec_override or layer_spec(hf, opts),
         vocab_size=padded_vocab,
         max_sequence_length=hf.max_position_embeddings,
         pre_process=groups.is_first_stage,
