@@ -7,7 +7,11 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench lint clean
+# `make gpu-check` runs on the GPU image's python (torch with CUDA); DEVICE=cpu rehearses in .venv.
+DEVICE  ?= cuda
+GPU_PY  ?= python3
+
+.PHONY: setup test demo bench lint clean gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -29,6 +33,19 @@ demo: setup
 
 bench: setup
 	$(VPY) -m bench
+
+# Every wheel beyond a stock CUDA torch image, for CPython 3.12 (< 60 MiB; see tools/gpu_wheels.py).
+gpu-wheels: setup
+	$(VPY) tools/gpu_wheels.py --out .gpu-wheels
+
+# Offline validation of a GPU machine in under 8 minutes (see tools/gpu_check.py).
+ifeq ($(DEVICE),cpu)
+gpu-check: setup
+	$(VPY) tools/gpu_check.py --device cpu
+else
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py --device $(DEVICE)
+endif
 
 lint: setup
 	$(VENV)/bin/ruff check megafork tests bench tools examples

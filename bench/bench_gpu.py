@@ -247,7 +247,8 @@ def report(results: dict, out_path: Path) -> None:
                     [[m["params"], m["tokens"], m["dtype"], m["step_s"], m["tokens_per_s"], m["peak_extra_gib"]]])
     if results["targets"]:
         print_table("Targets (H100/H200)", ["target", "measured", "met"],
-                    [[t["target"], t["value"], "yes" if t["met"] else "NO"] for t in results["targets"]])
+                    [[t["target"], t["value"], "yes" if t["met"] else "NO"] for t in results["targets"]],
+                    note="" if results["sizes"] == "full" else "(CPU rehearsal at small sizes: the ratios mean nothing)")
     for s in results["skipped"]:
         print(f"skipped {s['part']}: {s['seconds_left']} s left, needs {s['needs']} s")
     print(f"\nwritten: {out_path}")
