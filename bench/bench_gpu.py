@@ -81,51 +81,58 @@ def timed(fn, device, repeats: int) -> tuple[float, float]:
 
 
 def bench_fused_head(sizes, device, dtype) -> list[dict]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    weight = (0.02 * torch.randn(sizes["vocab"], sizes["hidden"], generator=g)).to(device, dtype).requires_grad_()
+    rows = []
+    for t in sizes["tokens"]:
+        rows += _fused_head_at(t, weight, g, sizes["repeats"], device)
+    return rows
+
+
+def _fused_head_at(t: int, weight: torch.Tensor, g: torch.Generator, repeats: int, device) -> list[dict]:
+    """The floor, then fused and naive at rho = 1 and 0.2, for T = t tokens."""
     from megafork.algo.loss import dapo_policy_loss
     from megafork.ops import fused_head_policy_loss
 
+    vocab, h_dim = weight.shape
+    hidden = torch.randn(t, h_dim, generator=g).to(device, weight.dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (t,), generator=g).to(device)
+    old = (torch.randn(t, generator=g) * 0.1 - 8.0).to(device)
+    adv = torch.randn(t, generator=g).to(device)
+    # the gradients every method returns count as inputs, not as extra memory
+    hidden.grad, weight.grad = torch.zeros_like(hidden), torch.zeros_like(weight)
+
+    def floor():
+        z = hidden.detach() @ weight.detach().T
+        torch.matmul(z, weight.detach(), out=hidden.grad)
+        torch.matmul(z.T, hidden.detach(), out=weight.grad)
+
+    t_floor, m_floor = timed(floor, device, repeats)
     rows = []
-    h_dim, vocab = sizes["hidden"], sizes["vocab"]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    weight = (0.02 * torch.randn(vocab, h_dim, generator=g)).to(device, dtype).requires_grad_()
-    for t in sizes["tokens"]:
-        hidden = torch.randn(t, h_dim, generator=g).to(device, dtype).requires_grad_()
-        labels = torch.randint(0, vocab, (t,), generator=g).to(device)
-        old = (torch.randn(t, generator=g) * 0.1 - 8.0).to(device)
-        adv = torch.randn(t, generator=g).to(device)
-        # the gradients every method returns count as inputs, not as extra memory
-        hidden.grad, weight.grad = torch.zeros_like(hidden), torch.zeros_like(weight)
+    for rho in (1.0, 0.2):
+        mask = (torch.rand(t, generator=g) < rho).to(device)
 
-        def floor():
-            z = hidden.detach() @ weight.detach().T
-            torch.matmul(z, weight.detach(), out=hidden.grad)
-            torch.matmul(z.T, hidden.detach(), out=weight.grad)
+        def fused(mask=mask):
+            loss, _ = fused_head_policy_loss(hidden, weight, labels, old, adv, mask, normalizer=float(t))
+            loss.backward()
 
-        t_floor, m_floor = timed(floor, device, sizes["repeats"])
-        for rho in (1.0, 0.2):
-            mask = (torch.rand(t, generator=g) < rho).to(device)
+        def naive(mask=mask):
+            z = hidden @ weight.T
+            lp = torch.log_softmax(z.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
+            dapo_policy_loss(lp, old, adv, mask, normalizer=float(t))[0].backward()
 
-            def fused():
-                loss, _ = fused_head_policy_loss(hidden, weight, labels, old, adv, mask, normalizer=float(t))
-                loss.backward()
-
-            def naive():
-                z = hidden @ weight.T
-                lp = torch.log_softmax(z.float(), -1).gather(-1, labels[:, None]).squeeze(-1)
-                dapo_policy_loss(lp, old, adv, mask, normalizer=float(t))[0].backward()
-
-            row = {"T": t, "H": h_dim, "V": vocab, "rho": rho, "floor_s": t_floor, "floor_extra_gib": m_floor / GIB}
-            for name, fn in (("fused", fused), ("naive", naive)):
-                try:
-                    sec, mem = timed(fn, device, sizes["repeats"])
-                except torch.OutOfMemoryError:
-                    sec, mem = math.nan, math.nan
-                    torch.cuda.empty_cache()
-                row[f"{name}_s"], row[f"{name}_extra_gib"] = sec, mem / GIB
-            row["fused_vs_floor"] = row["fused_s"] / t_floor
-            row["naive_vs_floor"] = row["naive_s"] / t_floor
-            rows.append(row)
-        del hidden, labels, old, adv
+        row = {"T": t, "H": h_dim, "V": vocab, "rho": rho, "floor_s": t_floor, "floor_extra_gib": m_floor / GIB}
+        for name, fn in (("fused", fused), ("naive", naive)):
+            try:
+                sec, mem = timed(fn, device, repeats)
+            except torch.OutOfMemoryError:
+                sec, mem = math.nan, math.nan
+                torch.cuda.empty_cache()
+            row[f"{name}_s"], row[f"{name}_extra_gib"] = sec, mem / GIB
+        row["fused_vs_floor"] = row["fused_s"] / t_floor
+        row["naive_vs_floor"] = row["naive_s"] / t_floor
+        rows.append(row)
+    weight.grad = None
     return rows
 
 

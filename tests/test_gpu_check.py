@@ -35,9 +35,9 @@ def test_cpu_rehearsal_runs_every_step_and_writes_the_report(tmp_path):
 
 
 def test_bench_past_its_deadline_skips_parts_but_still_writes(tmp_path, monkeypatch):
-    from bench import bench_gpu
-
     import torch
+
+    from bench import bench_gpu
 
     monkeypatch.setenv("MEGAFORK_CHECK_DEADLINE", str(time.time() - 1))
     out = tmp_path / "partial.json"
