@@ -172,9 +172,10 @@ def fused_head_policy_loss(
     dw = h_all.new_zeros(shard.valid, h_all.shape[1], dtype=cd) if need_w else None
     scale = 1.0 / norm
     ws = Workspace(min(chunk, t), shard.valid, cd, h_all.device)
-    # Gradient rows are the masked ones (a clipped ratio only zeroes some of them): planned once
-    # for the call, one host sync, instead of a nonzero per chunk.
-    plan = rows_by_chunk(mask, chunk) if (need_h or need_w) and t else []
+    # Gradient rows are the masked ones with a non-zero weight (a clipped ratio only zeroes some of
+    # them): planned once for the call, one host sync, instead of a nonzero per chunk.
+    active = mask if w1d is None else mask & (w1d != 0)
+    plan = rows_by_chunk(active, chunk) if (need_h or need_w) and t else []
 
     with torch.no_grad():
         for a in range(0, t, chunk):

@@ -94,11 +94,13 @@ def _correction_stats(mbs, loss_cfg, g) -> dict:
             "sequences", "sequences_masked")
     local = dict.fromkeys(keys, 0.0)
     for mb in mbs:
-        corr = rollout_correction(mb.old_logprobs, mb.rollout_logprobs, mb.response_mask, loss_cfg.rollout_correction,
+        # old log-probs and the fork mask are on the device (old pass), the batch fields on the host
+        old = mb.old_logprobs
+        rollout, response = mb.rollout_logprobs.to(old.device), mb.response_mask.to(old.device)
+        corr = rollout_correction(old, rollout, response, loss_cfg.rollout_correction,
                                   loss_cfg.rollout_is_cap, loss_cfg.rollout_mask_low, loss_cfg.rollout_mask_high)
-        loss_mask = mb.fork_mask if mb.fork_mask is not None else mb.response_mask
-        part = correction_sums(corr, mb.old_logprobs, mb.rollout_logprobs, mb.response_mask, loss_mask,
-                               loss_cfg.rollout_is_cap)
+        loss_mask = mb.fork_mask if mb.fork_mask is not None else response
+        part = correction_sums(corr, old, rollout, response, loss_mask, loss_cfg.rollout_is_cap)
         for k in keys:
             local[k] = max(local[k], part[k]) if k == "is_weight_max" else local[k] + part[k]
     w_max = torch.tensor([local.pop("is_weight_max")], dtype=torch.float64, device=g.device)
