@@ -24,7 +24,8 @@ def test_cpu_rehearsal_runs_every_step_and_writes_the_report(tmp_path):
     assert "gpu-check (cpu): PASSED" in proc.stdout and "Fused policy head fwd+bwd" in proc.stdout
     report = json.loads(out.read_text())
     assert report["passed"] and report["pytest"]["rc"] == 0 and report["bench"]["rc"] == 0
-    assert " passed" in report["pytest"]["tail"] and "failed" not in report["pytest"]["tail"]
+    summary = report["pytest"]["summary"]
+    assert " passed" in summary and "failed" not in summary and "skipped" not in summary, summary
     assert report["sizes"] == "small" and report["skipped"] == []
     rows = report["fused_head"]
     assert [(r["T"], r["rho"]) for r in rows] == [(256, 1.0), (256, 0.2), (512, 1.0), (512, 0.2)]

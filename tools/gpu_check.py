@@ -104,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         env["CUDA_VISIBLE_DEVICES"] = ""
     tests = budget.left() - BENCH_RESERVE[args.device]
     if tests > 10:
-        cmd = [python, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider", "-rfEs",
+        cmd = [python, "-m", "pytest", "tests/test_gpu.py", "-p", "no:cacheprovider", "-rfEs",
                "--durations=10"] + (["-k", QUICK_TESTS] if args.quick else [])
         report["pytest"] = run(cmd, tests, env)
+        lines = [ln for ln in report["pytest"]["tail"].splitlines() if ln.strip()]
+        report["pytest"]["summary"] = lines[-1].strip("= ") if lines else ""  # e.g. "9 passed in 51.2s"
     else:
         report["pytest"] = {"rc": None, "skipped": f"{budget.left():.0f} s left"}
     env["MEGAFORK_CHECK_DEADLINE"] = str(budget.deadline)
