@@ -214,3 +214,23 @@ def test_rollout_drift():
     assert rollout_logprob_drift(roll, train, mask) == pytest.approx((0.5 + 0 + 0 + 0.25) / 4)
     with pytest.raises(ValueError, match="mask has shape"):
         rollout_logprob_drift(roll, train, mask[:, :2])
+
+
+def test_batched_draw_equals_per_row_multinomial():
+    from megafork.rollout.sampling import draw
+
+    torch.manual_seed(0)
+    for vocab in (3, 64, 1000):
+        probs = torch.softmax(torch.randn(9, vocab) * 3, -1)
+        probs[::2, vocab // 2:] = 0  # truncated rows, as top-k/top-p leave them
+        seeds = [17 * i + vocab for i in range(9)]
+        ref_gens = [torch.Generator().manual_seed(s) for s in seeds]
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        want = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(ref_gens)])
+        assert torch.equal(draw(probs, gens), want)
+        # The generators advanced alike: the next draws agree too.
+        assert [torch.rand(1, generator=g).item() for g in gens] == [torch.rand(1, generator=g).item() for g in ref_gens]
+    bad = torch.full((2, 5), 0.2)
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="probabilities must be finite"):
+        draw(bad, [torch.Generator().manual_seed(0) for _ in range(2)])

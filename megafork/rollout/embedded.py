@@ -153,15 +153,21 @@ class EmbeddedEngine:
         stop_ids = torch.tensor(sorted(stops), dtype=torch.long, device=self.device)
 
         cache = DynamicCache(config=self.config)
-        responses = [[] for _ in range(bsz)]
-        logprobs = [[] for _ in range(bsz)]
-        reasons: list[str | None] = [None] * bsz
+        # Per-step results stay tensors ([bsz, steps]); rows are cut to length once at the end,
+        # so the decode loop does no per-row Python work.
+        max_new = sampling.max_new_tokens
+        out_tokens = torch.full((bsz, max_new), self.pad_token_id, dtype=torch.long, device=self.device)
+        out_lps = torch.zeros((bsz, max_new), dtype=torch.float32, device=self.device)
+        lengths = torch.zeros(bsz, dtype=torch.long, device=self.device)
+        # The mask of every position there will be; each step reads its growing prefix.
+        full_mask = torch.cat([mask, torch.ones((bsz, max_new), dtype=mask.dtype, device=self.device)], 1)
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
-        step_ids, step_mask, step_pos = ids, mask, positions
-        for step in range(sampling.max_new_tokens):
+        stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        aborted = False
+        step_ids, step_pos = ids, positions
+        for step in range(max_new):
             if self._abort_epoch != epoch:
-                for r in range(bsz):
-                    reasons[r] = reasons[r] or "abort"
+                aborted = True
                 break
             for r, ev in enumerate(cancel):
                 if ev is not None and reasons[r] is None and ev.is_set():
@@ -170,29 +176,28 @@ class EmbeddedEngine:
                 break
             self._wait_until_running()
             with self._lock:
-                logits = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
-                                    use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}).logits[:, -1]
+                logits = self.model(input_ids=step_ids, attention_mask=full_mask[:, :longest + step],
+                                    position_ids=step_pos, use_cache=True, logits_to_keep=1,
+                                    **{self._cache_kwarg: cache}).logits[:, -1]
             tokens, lps = next_tokens(logits, sampling.temperature, sampling.top_k, sampling.top_p, gens)
             tokens = torch.where(done, torch.full_like(tokens, self.pad_token_id), tokens)
+            out_tokens[:, step] = tokens
+            out_lps[:, step] = lps
+            lengths += ~done  # a row takes this step's token while it is not done
             hit_stop = torch.isin(tokens, stop_ids) & ~done
-            tok_list, lp_list = tokens.tolist(), lps.tolist()
-            for r in range(bsz):
-                if reasons[r] is None:
-                    responses[r].append(tok_list[r])
-                    logprobs[r].append(lp_list[r])
-                    if bool(hit_stop[r]):
-                        reasons[r] = "stop"
-                    elif step + 1 == sampling.max_new_tokens:
-                        reasons[r] = "length"
+            stopped |= hit_stop
             done |= hit_stop
             if bool(done.all()):
                 break
             step_ids = tokens[:, None]
-            step_mask = torch.cat([step_mask, torch.ones((bsz, 1), dtype=step_mask.dtype, device=self.device)], 1)
             step_pos = step_pos[:, -1:] + 1
         version = self.weight_version
-        return [Sample(prompt_index=i, response_ids=responses[r], logprobs=logprobs[r],
-                       finish_reason=reasons[r] or "length", weight_version=version)
+        lengths, stopped = lengths.tolist(), stopped.tolist()
+        tok_rows, lp_rows = out_tokens.tolist(), out_lps.tolist()
+        # Unfinished rows: "abort" when aborted mid-request, else they ran to max_new_tokens.
+        unfinished = "abort" if aborted else "length"
+        return [Sample(prompt_index=i, response_ids=tok_rows[r][:lengths[r]], logprobs=lp_rows[r][:lengths[r]],
+                       finish_reason="stop" if stopped[r] else unfinished, weight_version=version)
                 for r, (i, _) in enumerate(rows)]
 
     # ------------------------------------------------------------------ control

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from megafork.train.batch import MicroBatch, Trajectory, pack_microbatches
+from megafork.train.wire import from_wire, to_wire
 
 
 def all_dp_ranks(groups) -> list[int]:
@@ -56,10 +57,15 @@ def scatter_step(payload, shares: list | None, dp_rank_of: list[int]):
         dp_rank_of: the DP rank of every global rank.
     """
     world = dist.get_world_size()
-    outgoing = [(payload, shares[dp_rank_of[r]]) for r in range(world)] if dist.get_rank() == 0 else None
+    if world == 1:  # nothing to send: skip the pickling round trip
+        return payload, shares[0]
+    # Columnar wire form: pickling a few flat tensors instead of ~3 small tensors per trajectory.
+    wires = [to_wire(s) for s in shares] if dist.get_rank() == 0 else None
+    outgoing = [(payload, wires[dp_rank_of[r]]) for r in range(world)] if dist.get_rank() == 0 else None
     box = [None]
     dist.scatter_object_list(box, outgoing, src=0)
-    return box[0]
+    payload, wire = box[0]
+    return payload, from_wire(wire)
 
 
 def pack_minibatches(minis: list[list[Trajectory]], micro_batch_size: int, pad_id: int, pad_multiple: int = 1
