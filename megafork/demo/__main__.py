@@ -6,7 +6,7 @@
 1. `megafork.demo.prepare`: writes a tiny Qwen3 with a task tokenizer (HF format) and warm-starts
    it with a short supervised phase to a partial held-out accuracy.
 2. `torchrun --nproc_per_node=2 -m megafork train --config examples/configs/tiny_cpu.yaml`: the
-   real trainer (megatron-core model at TP=2 on gloo, fused head, exact forking selection,
+   real trainer (megatron-core model, data parallel over 2 gloo ranks, fused head, exact forking selection,
    embedded rollout engine with weight sync every step).
 3. `megafork analyze runs/tiny_cpu`: the plots.
 
