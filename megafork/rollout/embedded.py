@@ -163,15 +163,17 @@ class EmbeddedEngine:
         full_mask = torch.cat([mask, torch.ones((bsz, max_new), dtype=mask.dtype, device=self.device)], 1)
         done = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        cancelled = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        watched = [(r, ev) for r, ev in enumerate(cancel) if ev is not None]  # none in training
         aborted = False
         step_ids, step_pos = ids, positions
         for step in range(max_new):
             if self._abort_epoch != epoch:
                 aborted = True
                 break
-            for r, ev in enumerate(cancel):
-                if ev is not None and reasons[r] is None and ev.is_set():
-                    reasons[r], done[r] = "abort", True
+            for r, ev in watched:
+                if ev.is_set() and not bool(done[r]):
+                    cancelled[r] = done[r] = True
             if bool(done.all()):
                 break
             self._wait_until_running()
@@ -192,12 +194,13 @@ class EmbeddedEngine:
             step_ids = tokens[:, None]
             step_pos = step_pos[:, -1:] + 1
         version = self.weight_version
-        lengths, stopped = lengths.tolist(), stopped.tolist()
-        tok_rows, lp_rows = out_tokens.tolist(), out_lps.tolist()
+        lengths, tok_rows, lp_rows = lengths.tolist(), out_tokens.tolist(), out_lps.tolist()
         # Unfinished rows: "abort" when aborted mid-request, else they ran to max_new_tokens.
         unfinished = "abort" if aborted else "length"
+        reasons = ["stop" if s else "abort" if c else unfinished
+                   for s, c in zip(stopped.tolist(), cancelled.tolist(), strict=True)]
         return [Sample(prompt_index=i, response_ids=tok_rows[r][:lengths[r]], logprobs=lp_rows[r][:lengths[r]],
-                       finish_reason="stop" if stopped[r] else unfinished, weight_version=version)
+                       finish_reason=reasons[r], weight_version=version)
                 for r, (i, _) in enumerate(rows)]
 
     # ------------------------------------------------------------------ control
