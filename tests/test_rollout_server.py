@@ -64,9 +64,9 @@ def test_client_greedy_matches_transformers_and_logprobs_match_scoring(served, r
     samples = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True))
     assert [s.prompt_index for s in samples] == [0, 1, 2]
     for s, prompt in zip(samples, PROMPTS):
-        assert s.response_ids == _greedy(reference, prompt, 10)
+        assert s.response_ids.tolist() == _greedy(reference, prompt, 10)
         assert s.finish_reason == "length" and s.weight_version == "default"
-        want = _token_logprobs(reference, prompt, s.response_ids)
+        want = _token_logprobs(reference, prompt, s.response_ids.tolist())
         assert torch.allclose(torch.tensor(s.logprobs, dtype=torch.float64), want, atol=1e-5, rtol=0)
 
 
@@ -77,15 +77,15 @@ def test_batched_parallel_sampling_and_seeds_over_http(served, reference):
     assert [s.prompt_index for s in a] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert len({tuple(s.response_ids) for s in a}) > 3
     for s in a:
-        want = _token_logprobs(reference, PROMPTS[s.prompt_index], s.response_ids, temperature=0.7)
+        want = _token_logprobs(reference, PROMPTS[s.prompt_index], s.response_ids.tolist(), temperature=0.7)
         assert torch.allclose(torch.tensor(s.logprobs, dtype=torch.float64), want, atol=1e-5, rtol=0)
     b = engine.generate(PROMPTS, sp)
-    assert [s.response_ids for s in a] == [s.response_ids for s in b]
-    # Spreading over two servers (the same one twice here) splits the batch and keeps the order.
+    assert [s.response_ids.tolist() for s in a] == [s.response_ids.tolist() for s in b]
+    # Spread over two servers (the same one twice here): same order, same samples (seeds are per prompt).
     two = SGLangEngine([served["url"], served["url"] + "/"], timeout_s=60)
     c = two.generate(PROMPTS, sp)
     assert [s.prompt_index for s in c] == [s.prompt_index for s in a]
-    assert [s.response_ids for s in c] == [s.response_ids for s in two.generate(PROMPTS, sp)]
+    assert [s.response_ids.tolist() for s in c] == [s.response_ids.tolist() for s in a]  # per-prompt seeds
 
 
 def test_raw_protocol_fields(served):
@@ -223,7 +223,7 @@ def test_dead_server_mid_request_is_a_clear_error_within_the_timeout(served):
     t.join(60)
     assert not t.is_alive()
     assert "error" in outcome, "a dead server must raise"
-    assert url + "/generate" in outcome["error"] and "3 attempt(s)" in outcome["error"]
+    assert url in outcome["error"] and "no SGLang server left" in outcome["error"]
     assert outcome["seconds"] < 20
     with pytest.raises(RolloutError, match=url):
         engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))

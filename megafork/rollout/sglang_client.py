@@ -6,13 +6,13 @@
     # or start the servers from config (GPU machine with sglang installed):
     engine = SGLangEngine.launch(SGLangLaunchConfig(model_path="Qwen/Qwen3-8B", num_servers=2, tp_size=4))
 
-`generate` splits the prompts into contiguous chunks, one per server, and POSTs each chunk to
-`/generate` with `input_ids`, `sampling_params` and `return_logprob=true` concurrently. Each call
-has a timeout and bounded retries; a server that stays unreachable raises `RolloutError` naming
-its URL. With a seed, every sample is sent as its own entry with its own `sampling_seed`
-(`sample_seed(seed, prompt, sample, n)`), so the n responses of a group differ and the seeds do
-not depend on how the prompts are spread over servers. SGLang honours seeds only under
-`--enable-deterministic-inference`; `megafork serve` always does.
+`generate` streams: one `/generate` request per prompt group, at most `max_inflight_per_server`
+open per server, each reply parsed into int32/float32 arrays as it arrives, failed requests
+retried on another server, dead servers dropped for the step (`megafork.rollout.stream`). With a
+seed, every sample is sent as its own entry with its own `sampling_seed`
+(`sample_seed(seed, prompt, sample, n)`, see `generate_body`), so the n responses of a group differ
+and the seeds do not depend on the number of servers or on timing. SGLang honours seeds only
+under `--enable-deterministic-inference`; `megafork serve` always does.
 """
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from megafork.rollout.httpjson import check_ok, request_json
-from megafork.rollout.sampling import sample_seed
+from megafork.rollout.stream import GroupResult, StreamConfig, StreamingClient, StreamResult, generate_body  # noqa: F401 (re-exported)
 from megafork.rollout.types import RolloutError, Sample, SamplingParams, validate_prompts
 from megafork.rollout.weight_sync import HttpWeightSender, WeightSyncConfig
 
@@ -119,44 +119,28 @@ def stop_servers(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
             p.wait()
 
 
-def generate_body(prompts: list[list[int]], sampling: SamplingParams, start: int, end: int) -> dict:
-    """The `/generate` body for prompts[start:end] (their indices in the step are kept for seeds).
-
-    Unseeded: one entry per prompt with SGLang's parallel sampling (`n`). Seeded: one entry per
-    sample, each with `n=1` and its own `sampling_seed` from `sample_seed(seed, prompt, sample, n)`:
-    SGLang copies a request's seed to all n copies of a prompt, so one seed per prompt would make
-    the n responses identical under `--enable-deterministic-inference`. SGLang answers a batch in
-    entry order, so the samples still come back prompt-major.
-    """
-    chunk = prompts[start:end]
-    if sampling.seed is None:
-        return {"input_ids": chunk, "sampling_params": sampling.to_sglang(), "return_logprob": True}
-    one = replace(sampling, n=1, seed=None).to_sglang()
-    n = sampling.n
-    return {"input_ids": [p for p in chunk for _ in range(n)],
-            "sampling_params": [{**one, "sampling_seed": sample_seed(sampling.seed, start + i, j, n)}
-                                for i in range(len(chunk)) for j in range(n)],
-            "return_logprob": True}
-
-
 class SGLangEngine:
-    """`RolloutEngine` over SGLang's HTTP protocol.
+    """`RolloutEngine` over SGLang's HTTP protocol, streaming one request per prompt group.
 
     Args:
         urls: server base URLs.
-        timeout_s: per-request timeout (a long generation needs a long one).
-        retries: extra attempts on connection errors, timeouts and 5xx.
+        timeout_s: per-request timeout (`rollout.request_timeout_s`; a long generation needs a long one).
+        retries: extra attempts per request after a timeout or 5xx (`rollout.request_retries`).
         weight_sync: configuration for `update_weights` (connects on first use).
         procs: server processes this engine owns (stopped by `close()`).
+        max_inflight_per_server: open requests per server (`rollout.max_inflight_per_server`).
+        progress: show a progress bar while generating (samples done / total, tokens/s).
     """
 
-    def __init__(self, urls: list[str], timeout_s: float = 600.0, retries: int = 2,
-                 weight_sync: WeightSyncConfig | None = None, procs: list[subprocess.Popen] | None = None):
+    def __init__(self, urls: list[str], timeout_s: float = 3600.0, retries: int = 2,
+                 weight_sync: WeightSyncConfig | None = None, procs: list[subprocess.Popen] | None = None,
+                 max_inflight_per_server: int = 64, progress: bool = False):
         if not urls:
             raise ValueError("urls: at least one server URL is needed")
-        if retries < 0:
-            raise ValueError(f"retries: expected >= 0, found {retries}")
-        self.urls = [u.rstrip("/") for u in urls]
+        self.stream_config = StreamConfig(max_inflight_per_server=max_inflight_per_server, request_timeout_s=timeout_s,
+                                          retries=retries, progress=progress)
+        self.client = StreamingClient(urls, self.stream_config)
+        self.urls = self.client.urls
         self.timeout_s = timeout_s
         self.retries = retries
         self.weight_sync_config = weight_sync or WeightSyncConfig()
@@ -171,38 +155,15 @@ class SGLangEngine:
         return cls(config.urls(), procs=procs, **kwargs)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Sample]:
-        """Samples for every prompt, prompt-major, spread over the servers."""
-        prompts = validate_prompts(prompts)
-        k = min(len(self.urls), len(prompts))
-        bounds = [round(i * len(prompts) / k) for i in range(k + 1)]
-        futures = [self._pool.submit(self._post_generate, self.urls[i], generate_body(prompts, sampling, bounds[i],
-                                                                                       bounds[i + 1]),
-                                     bounds[i], sampling.n)
-                   for i in range(k)]
-        return [s for f in futures for s in f.result()]
+        """Samples for every prompt, prompt-major; ids/log-probs are int32/float32 numpy arrays."""
+        result = self.generate_groups(prompts, sampling)
+        return [s for g in result.groups for s in g.samples()]
 
-    def _post_generate(self, url: str, body: dict, offset: int, n: int) -> list[Sample]:
-        status, out = request_json(url, "/generate", body, timeout_s=self.timeout_s, retries=self.retries)
-        check_ok(url, "/generate", status, out)
-        items = out if isinstance(out, list) else [out]
-        expected = len(body["input_ids"]) * (1 if isinstance(body["sampling_params"], list) else n)
-        if len(items) != expected:
-            raise RolloutError(f"{url}/generate: expected {expected} outputs, got {len(items)}")
-        samples = []
-        for j, item in enumerate(items):
-            try:
-                ids = list(item["output_ids"])
-                meta = item["meta_info"]
-                lps = meta["output_token_logprobs"]
-                reason = meta["finish_reason"]["type"] if meta.get("finish_reason") else "abort"
-            except (KeyError, TypeError) as exc:
-                raise RolloutError(f"{url}/generate: output {j} lacks {exc} (expected output_ids and "
-                                   "meta_info.output_token_logprobs / finish_reason)") from exc
-            if [int(t) for _, t, *_ in lps] != ids:
-                raise RolloutError(f"{url}/generate: output {j}: output_token_logprobs do not match output_ids")
-            samples.append(Sample(prompt_index=offset + j // n, response_ids=ids, logprobs=[float(lp) for lp, *_ in lps],
-                                  finish_reason=reason, weight_version=meta.get("weight_version")))
-        return samples
+    def generate_groups(self, prompts: list[list[int]], sampling: SamplingParams,
+                        on_group: Callable[[GroupResult], bool] | None = None) -> StreamResult:
+        """Stream every prompt's group; `on_group` sees each as it completes and may stop the call
+        early by returning True (the open requests are then aborted). See `StreamingClient.run`."""
+        return self.client.run(validate_prompts(prompts), sampling, on_group)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
                        weight_version: str | None = None) -> dict:

@@ -17,11 +17,12 @@ import time
 
 from megafork.distributed import init_distributed
 from megafork.train import checkpoint
+from megafork.train.control import ControlPlane
 from megafork.train.engine_start import sync_engine_at_start
 from megafork.train.metrics import MetricsLogger, RunClock, Timer, eval_progress
 from megafork.train.rollout_phase import collect_rollouts, evaluate
 from megafork.train.setup import build_run
-from megafork.train.shard import all_dp_ranks, broadcast_from, pack_minibatches, scatter_step, split_for_dp
+from megafork.train.shard import pack_minibatches, split_for_dp
 from megafork.train.step_metrics import dump_entropy, step_metrics
 from megafork.train.update import old_pass, select, train_minibatches
 
@@ -39,9 +40,9 @@ def train(cfg) -> dict:
     summary = extra.get("summary", {"initial_accuracy": None, "final_accuracy": None})
     clock = RunClock(t_start, before=extra.get("wall_seconds", 0.0))
     logger = MetricsLogger(run_dir, cfg, start_step=start)
-    dp_rank_of = all_dp_ranks(groups)
+    control = ControlPlane(groups, cfg.rollout.step_timeout_minutes)  # waits on gloo, never in NCCL
     if start == 0 and run.eval_dataset is not None:
-        summary["initial_accuracy"] = _eval(run, step=0)
+        summary["initial_accuracy"] = _eval(run, control, step=0)
         logger.log_start({"eval_accuracy": summary["initial_accuracy"]})
 
     for step in range(start, cfg.train.steps):
@@ -52,7 +53,7 @@ def train(cfg) -> dict:
                 trajs, rstats = collect_rollouts(run.engine, run.dataset, run.sampler, run.tokenizer,
                                                  run.reward_fn, cfg, step)
                 shares = split_for_dp(trajs, cfg.algo.n, cfg.train.minibatch_prompts, groups.dp_size)
-            (rstats, sampler_state), my_share = scatter_step((rstats, run.sampler.state_dict()), shares, dp_rank_of)
+            (rstats, sampler_state), my_share = control.distribute((rstats, run.sampler.state_dict()), shares)
             run.sampler.load_state_dict(sampler_state)
         mbs, minis = pack_minibatches(my_share, cfg.train.micro_batch_size, pad_id=_pad_id(run),
                                       pad_multiple=run.pad_multiple)  # host tensors; moved one at a time
@@ -70,16 +71,17 @@ def train(cfg) -> dict:
         if cfg.log.entropy_dump_every and (step + 1) % cfg.log.entropy_dump_every == 0:
             dump_entropy(run, run_dir, step, mbs, threshold)
         if run.eval_dataset is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0:
-            metrics["eval_accuracy"] = summary["final_accuracy"] = _eval(run, step + 1)
+            metrics["eval_accuracy"] = summary["final_accuracy"] = _eval(run, control, step + 1)
         logger.log(step, metrics)  # 0-based index; the row's "step" is steps completed, like checkpoints
         if _due(cfg.train.save_every, step, cfg.train.steps):
             checkpoint.save(run, run_dir, step + 1, {"summary": summary, **clock.state()})
 
     if run.eval_dataset is not None and (summary["final_accuracy"] is None or cfg.eval.every == 0
                                           or cfg.train.steps % cfg.eval.every):
-        summary["final_accuracy"] = _eval(run, cfg.train.steps)
+        summary["final_accuracy"] = _eval(run, control, cfg.train.steps)
     summary.update(steps=cfg.train.steps, **clock.summary())
     logger.close()
+    control.close()
     if hasattr(run.sender, "close"):  # leave no weight-update group open on the servers
         run.sender.close()
     if groups.rank == 0:
@@ -87,12 +89,12 @@ def train(cfg) -> dict:
     return summary
 
 
-def _eval(run, step: int) -> float | None:
+def _eval(run, control, step: int) -> float | None:
     acc = None
     if run.groups.rank == 0:
         with eval_progress(run.cfg, len(run.eval_dataset), step) as done:
             acc = done(evaluate(run.engine, run.eval_dataset, run.tokenizer, run.reward_fn, run.cfg, step))
-    return broadcast_from(acc, src=0)
+    return control.broadcast(acc)
 
 
 def _sync(run, step: int) -> None:

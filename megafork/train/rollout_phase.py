@@ -45,7 +45,8 @@ def score(tokenizer, reward_fn, samples, prompts) -> tuple[list[float], list[flo
     """Verifier rewards (+1/-1) and accuracies (1/0) of samples, each against its prompt's answer."""
     rewards, accs = [], []
     for s in samples:
-        text = tokenizer.decode(s.response_ids, skip_special_tokens=True)
+        ids = s.response_ids.tolist() if hasattr(s.response_ids, "tolist") else s.response_ids
+        text = tokenizer.decode(ids, skip_special_tokens=True)
         r = float(reward_fn(text, prompts[s.prompt_index].answer))
         rewards.append(r)
         accs.append(1.0 if r > 0 else 0.0)
@@ -55,6 +56,11 @@ def score(tokenizer, reward_fn, samples, prompts) -> tuple[list[float], list[flo
 def collect_rollouts(engine, dataset, sampler, tokenizer, reward_fn, cfg, step: int
                      ) -> tuple[list[Trajectory], RolloutStats]:
     """Generate until `train.prompts_per_step` informative groups are found (or rounds run out).
+
+    Groups are scored as they complete. With a streaming engine (`generate_groups`, the SGLang
+    client) a round stops as soon as enough informative groups are in: the rest of its requests
+    are aborted and the tokens they and the dropped groups cost are logged as wasted. Kept groups
+    are taken in prompt order, not arrival order.
 
     Args:
         engine: a `RolloutEngine`.
@@ -70,10 +76,10 @@ def collect_rollouts(engine, dataset, sampler, tokenizer, reward_fn, cfg, step: 
         advantages, and the step's rollout statistics.
     """
     want = cfg.train.prompts_per_step
-    n = cfg.algo.n
     stats = RolloutStats()
     kept: list[list[Trajectory]] = []
-    all_rewards, all_accs, all_lens, all_trunc = [], [], [], []
+    scored_all: list[_Group] = []
+    wasted = aborted_requests = 0
     rounds = cfg.algo.max_sampling_rounds if cfg.algo.dynamic_sampling else 1
     for rnd in range(rounds):
         need = want - len(kept)
@@ -84,56 +90,110 @@ def collect_rollouts(engine, dataset, sampler, tokenizer, reward_fn, cfg, step: 
         count = math.ceil(cfg.algo.oversample * want) if cfg.algo.dynamic_sampling else want
         idx = [i for _ in range(math.ceil(count / want)) for i in sampler.next_global_batch()][:count]
         prompts = [dataset[i] for i in idx]
-        samples = engine.generate([p.prompt_ids for p in prompts],
-                                  rollout_sampling(cfg, seed=_seed(cfg.train.seed, step, rnd)))
+        sampling = rollout_sampling(cfg, seed=_seed(cfg.train.seed, step, rnd))
+        scored, res = _generate_round(engine, prompts, sampling, need, tokenizer, reward_fn, cfg)
+        if res is not None:
+            wasted += res.wasted_tokens
+            aborted_requests += res.aborted_requests
+            for k, v in res.as_dict().items():
+                stats.extra[k] = stats.extra.get(k, 0) + v if "per_s" not in k else v
         stats.rounds += 1
         stats.prompts_generated += len(prompts)
-        rewards, accs = score(tokenizer, reward_fn, samples, prompts)
-        lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long)
-        truncated = [s.finish_reason == "length" for s in samples]
-        shaped = torch.tensor(rewards, dtype=torch.float32)
-        if cfg.algo.overlong_shaping:
-            shaped = shaped + overlong_penalty(lengths, cfg.rollout.max_response_len, cfg.algo.overlong_buffer,
-                                               cfg.algo.overlong_penalty)
-        acc_t = torch.tensor(accs, dtype=torch.float32)
-        all_rewards += shaped.tolist()
-        all_accs += accs
-        all_lens += lengths.float().tolist()
-        all_trunc += truncated
-        keep = (informative_groups(acc_t, n) if cfg.algo.dynamic_sampling
-                else torch.ones(len(prompts), dtype=torch.bool))
-        # A group with an aborted (engine paused mid-request) or empty response is not a sample of
-        # the policy: drop it whole, since GRPO needs all n responses of a prompt.
-        broken = torch.tensor([s.finish_reason == "abort" or len(s.response_ids) == 0 for s in samples])
-        broken = broken.view(-1, n).any(dim=1)
-        stats.groups_aborted += int(broken.sum())
-        keep &= ~broken
-        adv = grpo_advantages(shaped, n, eps=cfg.algo.adv_eps)
-        for g in range(len(prompts)):
-            if not keep[g] or len(kept) >= want:
-                continue
-            group = []
-            prompt_ids = torch.tensor(prompts[g].prompt_ids, dtype=torch.int32)
-            for j in range(g * n, (g + 1) * n):
-                s = samples[j]
-                group.append(Trajectory(prompt_ids=prompt_ids, response_ids=torch.tensor(s.response_ids, dtype=torch.int32),
-                                        rollout_logprobs=torch.tensor(s.logprobs, dtype=torch.float32),
-                                        reward=float(shaped[j]),
-                                        accuracy=accs[j], advantage=float(adv[j]), group=len(kept),
-                                        finish_reason=s.finish_reason))
-            kept.append(group)
+        for i in sorted(scored):  # prompt order: the batch does not depend on which reply came first
+            g = scored[i]
+            scored_all.append(g)
+            stats.groups_aborted += g.broken
+            if g.useful and len(kept) < want:
+                kept.append(g.trajectories(len(kept)))
+            else:
+                wasted += g.tokens
     stats.groups_kept = len(kept)
     stats.groups_short = want - len(kept)
     if stats.groups_short:
         log.warning("step %d: dynamic sampling found %d of %d informative groups in %d rounds "
                     "(algo.max_sampling_rounds=%d); training on %d groups", step, len(kept), want, stats.rounds,
                     cfg.algo.max_sampling_rounds, len(kept))
-    if all_rewards:
-        stats.reward_mean = sum(all_rewards) / len(all_rewards)
-        stats.accuracy = sum(all_accs) / len(all_accs)
-        stats.response_len_mean = sum(all_lens) / len(all_lens)
-        stats.truncated_fraction = sum(all_trunc) / len(all_trunc)
+    if scored_all:
+        rewards = torch.cat([g.shaped for g in scored_all])
+        lengths = torch.cat([g.lengths for g in scored_all]).float()
+        stats.reward_mean = float(rewards.mean())
+        stats.accuracy = float(torch.cat([g.accs for g in scored_all]).mean())
+        stats.response_len_mean = float(lengths.mean())
+        stats.truncated_fraction = sum(g.truncated for g in scored_all) / len(lengths)
+    stats.extra["rollout_wasted_tokens"] = wasted
+    if wasted or aborted_requests:
+        log.info("step %d: rollout wasted %d tokens (uninformative/surplus groups and %d aborted requests)",
+                 step, wasted, aborted_requests)
     return [t for group in kept for t in group], stats
+
+
+def _generate_round(engine, prompts, sampling, need: int, tokenizer, reward_fn, cfg):
+    """Generate and score one round's groups; a streaming engine stops once `need` are useful.
+
+    Returns:
+        ({prompt position: scored group}, the engine's `StreamResult` or None).
+    """
+    scored: dict[int, _Group] = {}
+    useful = 0
+
+    def on_group(index: int, samples) -> bool:
+        nonlocal useful
+        g = scored[index] = _score_group(index, prompts[index], samples, tokenizer, reward_fn, cfg)
+        useful += g.useful
+        return cfg.algo.dynamic_sampling and useful >= need
+
+    ids = [p.prompt_ids for p in prompts]
+    if hasattr(engine, "generate_groups"):
+        return scored, engine.generate_groups(ids, sampling, lambda grp: on_group(grp.prompt_index, grp.samples()))
+    samples = engine.generate(ids, sampling)
+    for i in range(len(prompts)):
+        on_group(i, samples[i * sampling.n:(i + 1) * sampling.n])
+    return scored, None
+
+
+@dataclass
+class _Group:
+    """One prompt's scored responses."""
+
+    index: int
+    prompt: object
+    samples: list
+    shaped: torch.Tensor    # [n] verifier reward + overlong penalty
+    accs: torch.Tensor      # [n] 1/0
+    lengths: torch.Tensor   # [n]
+    useful: bool            # informative (or dynamic sampling off) and not broken
+    broken: bool
+    truncated: int
+    adv_eps: float
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def trajectories(self, group: int) -> list[Trajectory]:
+        adv = grpo_advantages(self.shaped, len(self.samples), eps=self.adv_eps)
+        prompt_ids = torch.tensor(self.prompt.prompt_ids, dtype=torch.int32)
+        return [Trajectory(prompt_ids=prompt_ids, response_ids=torch.as_tensor(s.response_ids, dtype=torch.int32),
+                           rollout_logprobs=torch.as_tensor(s.logprobs, dtype=torch.float32),
+                           reward=float(self.shaped[j]), accuracy=float(self.accs[j]), advantage=float(adv[j]),
+                           group=group, finish_reason=s.finish_reason)
+                for j, s in enumerate(self.samples)]
+
+
+def _score_group(index: int, prompt, samples, tokenizer, reward_fn, cfg) -> _Group:
+    rewards, accs = score(tokenizer, reward_fn, samples, {s.prompt_index: prompt for s in samples})
+    lengths = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long)
+    shaped = torch.tensor(rewards, dtype=torch.float32)
+    if cfg.algo.overlong_shaping:
+        shaped = shaped + overlong_penalty(lengths, cfg.rollout.max_response_len, cfg.algo.overlong_buffer,
+                                           cfg.algo.overlong_penalty)
+    acc_t = torch.tensor(accs, dtype=torch.float32)
+    informative = bool(informative_groups(acc_t, len(samples))[0]) if cfg.algo.dynamic_sampling else True
+    # A group with an aborted (engine paused mid-request) or empty response is not a sample of
+    # the policy: drop it whole, since GRPO needs all n responses of a prompt.
+    broken = any(s.finish_reason == "abort" or len(s.response_ids) == 0 for s in samples)
+    return _Group(index, prompt, list(samples), shaped, acc_t, lengths, informative and not broken, broken,
+                  sum(s.finish_reason == "length" for s in samples), cfg.algo.adv_eps)
 
 
 def evaluate(engine, dataset, tokenizer, reward_fn, cfg, step: int) -> float:

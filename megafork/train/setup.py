@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -104,16 +105,44 @@ def _build_engine(cfg):
         SGLangEngine,
         WeightSyncConfig,
     )
+    from megafork.rollout.deploy import resolve_master_addr
 
-    sync_cfg = WeightSyncConfig(bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20,
-                                verify_checksums=cfg.rollout.weight_sync_checksum)
-    if cfg.rollout.engine == "embedded":
-        engine = EmbeddedEngine.from_pretrained(cfg.model.hf_path, max_batch_rows=cfg.rollout.batch_size)
+    r = cfg.rollout
+    sync_cfg = WeightSyncConfig(bucket_bytes=r.weight_sync_bucket_mb << 20, verify_checksums=r.weight_sync_checksum,
+                                master_port=r.weight_sync_port, timeout_s=r.weight_sync_timeout_s)
+    if r.engine == "embedded":
+        engine = EmbeddedEngine.from_pretrained(cfg.model.hf_path, max_batch_rows=r.batch_size)
         return engine, LocalWeightSender(engine, sync_cfg)
-    engine = SGLangEngine(cfg.rollout.sglang_urls)
-    sender = HttpWeightSender(cfg.rollout.sglang_urls, sync_cfg)
-    sender.connect()
+    kwargs = dict(timeout_s=r.request_timeout_s, retries=r.request_retries,
+                  max_inflight_per_server=r.max_inflight_per_server, progress=cfg.log.progress_bar)
+    engine = SGLangEngine.launch(launch_config(cfg), **kwargs) if r.sglang_launch else SGLangEngine(r.sglang_urls, **kwargs)
+    sync_cfg.master_address = resolve_master_addr(r.weight_sync_master_addr, engine.urls)
+    sender = HttpWeightSender(engine.urls, sync_cfg)
+    try:
+        sender.connect()
+    except BaseException:
+        engine.close()  # stops servers it launched
+        raise
     return engine, sender
+
+
+def launch_config(cfg, local_world_size: int | None = None):
+    """`rollout.sglang_launch_*` as an `SGLangLaunchConfig`, refusing GPUs the trainer uses on this node.
+
+    Args:
+        cfg: the run config.
+        local_world_size: trainer ranks on this node (default: torchrun's LOCAL_WORLD_SIZE).
+    """
+    from megafork.rollout import SGLangLaunchConfig
+    from megafork.rollout.deploy import check_gpu_layout
+
+    r = cfg.rollout
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if local_world_size is None else local_world_size
+    check_gpu_layout(local, r.sglang_launch_base_gpu_id, r.sglang_launch_servers, r.sglang_launch_tp,
+                     torch.cuda.device_count() if torch.cuda.is_available() else None)
+    return SGLangLaunchConfig(model_path=cfg.model.hf_path, num_servers=r.sglang_launch_servers,
+                              tp_size=r.sglang_launch_tp, base_port=r.sglang_launch_base_port,
+                              base_gpu_id=r.sglang_launch_base_gpu_id, extra_args=list(r.sglang_launch_args))
 
 
 def _check_layout(cfg, groups) -> None:

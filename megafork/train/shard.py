@@ -8,13 +8,6 @@ from megafork.train.batch import MicroBatch, Trajectory, pack_microbatches
 from megafork.train.wire import from_wire, to_wire
 
 
-def all_dp_ranks(groups) -> list[int]:
-    """The DP rank of every global rank (one all-gather, at start-up)."""
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, groups.dp_rank)
-    return out
-
-
 def broadcast_from(obj, src: int):
     """Send a picklable object from global rank `src` to every rank."""
     box = [obj]

@@ -44,6 +44,7 @@ def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, time
         "groups_kept": rstats.groups_kept, "groups_short": rstats.groups_short,
         "groups_aborted": rstats.groups_aborted,
         "sampling_rounds": rstats.rounds, "lr": lr,
+        **rstats.extra,
         **token_stats,
         **seconds,
     }

@@ -1,0 +1,143 @@
+"""SYNTHETIC `megafork serve` for tests and benchmarks: SGLang's protocol, no real model behind it.
+
+    python -m megafork.testing.synthetic_serve --port 30001 --response-len 2000       # random tokens at once
+    python -m megafork.testing.synthetic_serve --port 30002 --delay-s 30              # a server that stalls
+    python -m megafork.testing.synthetic_serve --port 30003 --model HF_DIR --delay-s 5   # a real model, slowed
+
+This is deliberately not a `megafork` CLI command: it serves made-up responses and must never be
+mistaken for a model. It runs `megafork serve`'s own HTTP server (`megafork.rollout.server`) over
+one of two engines:
+
+- `RandomTokenEngine`: every response is `--response-len` uniformly random token ids with random
+  log-probs, returned without any computation (finish reason "length" when that is
+  max_new_tokens, else "stop"). It measures what a client can ingest.
+- `--model HF_DIR`: the real `EmbeddedEngine`, with `--delay-s` added before each generation
+  (a slow server, for timeout tests of the trainer's control plane).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from megafork.rollout.types import Sample, SamplingParams, validate_prompts
+
+log = logging.getLogger("megafork.synthetic_serve")
+
+
+class RandomTokenEngine:
+    """SYNTHETIC engine: random token ids and log-probs, produced at once (no model).
+
+    Args:
+        vocab_size: ids are drawn from [0, vocab_size).
+        response_len: tokens per response (capped by max_new_tokens).
+        delay_s: seconds to sleep before answering each request (a stalling server).
+        seed: base seed of the random stream.
+    """
+
+    synthetic = True
+
+    def __init__(self, vocab_size: int = 151936, response_len: int = 2000, delay_s: float = 0.0, seed: int = 0):
+        self.config = SimpleNamespace(vocab_size=vocab_size, model_type="synthetic-random", architectures=["Synthetic"])
+        self.model_path = "SYNTHETIC-random-tokens"
+        self.tokenizer = None
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.max_batch_rows = 1 << 30
+        self.weight_version = "synthetic"
+        self.response_len = response_len
+        self.delay_s = delay_s
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._running = threading.Event()
+        self._running.set()
+        self.generated_tokens = 0
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Sample]:
+        prompts = validate_prompts(prompts, self.config.vocab_size)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        self._running.wait()
+        length = min(self.response_len, sampling.max_new_tokens)
+        reason = "length" if length == sampling.max_new_tokens else "stop"
+        rows = len(prompts) * sampling.n
+        with self._lock:
+            ids = self._rng.integers(0, self.config.vocab_size, size=(rows, length), dtype=np.int64)
+            lps = -self._rng.exponential(1.0, size=(rows, length)).astype(np.float32)
+            self.generated_tokens += rows * length
+        return [Sample(prompt_index=r // sampling.n, response_ids=ids[r].tolist(), logprobs=lps[r].tolist(),
+                       finish_reason=reason, weight_version=self.weight_version) for r in range(rows)]
+
+    def pause(self, mode: str = "abort") -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def abort_all(self) -> None:
+        pass
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def health(self) -> bool:
+        return True
+
+
+class SlowEngine:
+    """A real `EmbeddedEngine` that sleeps `delay_s` before every generation (everything else delegated)."""
+
+    def __init__(self, engine, delay_s: float):
+        self._engine = engine
+        self.delay_s = delay_s
+
+    def generate(self, prompts, sampling):
+        time.sleep(self.delay_s)
+        return self._engine.generate(prompts, sampling)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megafork.rollout.server import make_server
+
+    ap = argparse.ArgumentParser(prog="python -m megafork.testing.synthetic_serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--model", default=None, help="serve this HF model (slowed by --delay-s) instead of random tokens")
+    ap.add_argument("--response-len", type=int, default=2000)
+    ap.add_argument("--vocab-size", type=int, default=151936)
+    ap.add_argument("--delay-s", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-level", default="WARNING")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.model:
+        from megafork.rollout.embedded import EmbeddedEngine
+
+        torch.set_num_threads(1)
+        engine = SlowEngine(EmbeddedEngine.from_pretrained(args.model, device="cpu"), args.delay_s)
+    else:
+        engine = RandomTokenEngine(args.vocab_size, args.response_len, args.delay_s, args.seed)
+    server = make_server(engine, args.host, args.port)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    print(f"SYNTHETIC megafork serve ({type(engine).__name__}) on http://{args.host}:{server.server_address[1]}",
+          flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

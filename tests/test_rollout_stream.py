@@ -1,0 +1,119 @@
+"""The streaming SGLang client against real server processes: failover, timeouts, compact results.
+
+    .venv/bin/python -m pytest tests/test_rollout_stream.py -q
+
+The servers are `megafork serve`'s HTTP server over the SYNTHETIC random-token engine
+(`python -m megafork.testing.synthetic_serve`), started as subprocesses and killed for real.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from megafork.rollout import RolloutError, SamplingParams, SGLangEngine, launch_servers, stop_servers
+from megafork.rollout.stream import StreamConfig, StreamingClient
+from megafork.testing.multirank import free_port
+
+SP = SamplingParams(n=2, max_new_tokens=50, seed=5)
+
+
+def _serve(*args: str):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "megafork.testing.synthetic_serve", "--port", str(port), "--vocab-size", "1000",
+           "--response-len", "40", *args]
+    (proc,) = launch_servers([cmd], [url], timeout_s=60)
+    return url, proc
+
+
+@pytest.fixture
+def two_servers():
+    a, pa = _serve("--delay-s", "0.2", "--seed", "1")
+    b, pb = _serve("--delay-s", "0.2", "--seed", "2")
+    yield (a, pa), (b, pb)
+    stop_servers([pa, pb], grace_s=2)
+
+
+def _prompts(k: int) -> list[list[int]]:
+    return [[1 + i % 7, 2, 3 + i % 5] for i in range(k)]
+
+
+def test_groups_are_compact_arrays_in_prompt_order(two_servers):
+    (a, _), (b, _) = two_servers
+    engine = SGLangEngine([a, b], timeout_s=30, max_inflight_per_server=3)
+    res = engine.generate_groups(_prompts(12), SP)
+    assert [g.prompt_index for g in res.groups] == list(range(12))
+    assert {g.url for g in res.groups} == {a, b}  # both servers took work
+    for g in res.groups:
+        assert g.ids.dtype == np.int32 and g.logprobs.dtype == np.float32
+        assert g.offsets.tolist() == [0, 40, 80] and g.finish_reasons == ["stop", "stop"]
+        assert (g.logprobs <= 0).all() and ((0 <= g.ids) & (g.ids < 1000)).all()
+    assert res.tokens == 12 * 2 * 40 and res.dropped_servers == [] and res.retries == 0
+    samples = engine.generate(_prompts(3), SP)
+    assert [s.prompt_index for s in samples] == [0, 0, 1, 1, 2, 2]
+    assert all(len(s.response_ids) == 40 and s.response_ids.dtype == np.int32 for s in samples)
+
+
+def test_a_server_killed_mid_step_fails_over_and_both_killed_names_both(two_servers, caplog):
+    (a, pa), (b, pb) = two_servers
+    client = StreamingClient([a, b], StreamConfig(max_inflight_per_server=2, request_timeout_s=30))
+    seen = []
+
+    def kill_b_after_four(group):
+        seen.append(group.prompt_index)
+        if len(seen) == 4:
+            pb.kill()
+        return False
+
+    with caplog.at_level(logging.WARNING, logger="megafork.rollout.stream"):
+        res = client.run(_prompts(20), SP, on_group=kill_b_after_four)
+    assert all(g is not None for g in res.groups) and len(seen) == 20  # every group is there
+    assert res.dropped_servers == [b]
+    assert any(b in r.getMessage() and "dropped" in r.getMessage() for r in caplog.records), caplog.text
+    assert {g.url for g in res.groups[-6:]} == {a}  # the late groups all came from the survivor
+
+    def kill_a(group):
+        pa.kill()
+        return False
+
+    with pytest.raises(RolloutError) as err:
+        client.run(_prompts(20), SP, on_group=kill_a)
+    assert a in str(err.value) and b in str(err.value) and "no SGLang server left" in str(err.value)
+
+
+def test_a_stalling_server_times_out_and_its_requests_are_retried_elsewhere():
+    stall, ps = _serve("--delay-s", "60")
+    good, pg = _serve()
+    try:
+        client = StreamingClient([stall, good], StreamConfig(max_inflight_per_server=1, request_timeout_s=1.5,
+                                                             retries=2))
+        t0 = time.monotonic()
+        res = client.run(_prompts(6), SP)
+        assert all(g is not None and g.url == good for g in res.groups)
+        assert res.retries >= 1
+        assert time.monotonic() - t0 < 30
+        # Alone, the stalling server exhausts the retries: the error names it and the timeout.
+        alone = StreamingClient([stall], StreamConfig(max_inflight_per_server=1, request_timeout_s=1.0, retries=1))
+        t0 = time.monotonic()
+        with pytest.raises(RolloutError, match=stall) as err:
+            alone.run(_prompts(1), SP)
+        assert "request_timeout_s=1" in str(err.value)
+        assert time.monotonic() - t0 < 10
+    finally:
+        stop_servers([ps, pg], grace_s=2)
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_max_inflight_per_server_must_be_positive(bad):
+    with pytest.raises(ValueError, match=r"rollout.max_inflight_per_server: expected an integer >= 1"):
+        StreamConfig(max_inflight_per_server=bad)
+    with pytest.raises(ValueError, match="rollout.max_inflight_per_server"):
+        SGLangEngine(["http://127.0.0.1:9"], max_inflight_per_server=bad)
+    from megafork.train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"rollout.max_inflight_per_server: expected > 0"):
+        load_config(None, [f"rollout.max_inflight_per_server={bad}"])
