@@ -103,7 +103,8 @@ def _trainer(rank, world, hf_dir, urls):
     def served_and_trainer():
         """Served greedy samples (rank 0) and the trainer's log-probs of the same tokens (all ranks)."""
         samples = engine.generate(PROMPTS, greedy) if rank == 0 else None
-        box = [None if samples is None else [(PROMPTS[s.prompt_index], s.response_ids, s.logprobs) for s in samples]]
+        box = [None if samples is None else [(PROMPTS[s.prompt_index], s.response_ids.tolist(), s.logprobs.tolist())
+                                           for s in samples]]
         dist.broadcast_object_list(box, src=0)
         trainer = _trainer_logprobs(model, groups, [(p, r) for p, r, _ in box[0]])
         served = torch.cat([torch.tensor(lp, dtype=torch.float64) for _, _, lp in box[0]])
@@ -162,7 +163,7 @@ def _trainer(rank, world, hf_dir, urls):
         except RolloutError as exc:
             res["wrong_shape_error"] = str(exc)
         res["checksums_after_reject"] = [request_json(u, "/get_weights_checksum")[1]["checksums"] for u in urls] == sums
-        res["greedy_after_reject"] = [s.response_ids for s in engine.generate(PROMPTS, greedy)] == responses
+        res["greedy_after_reject"] = [s.response_ids.tolist() for s in engine.generate(PROMPTS, greedy)] == responses
         # The group is still in step: a valid update goes through on it.
         res["after_reject_ok"] = sender.send([("model.norm.weight", kept["model.norm.weight"])]).num_tensors == 1
         sender.close()
