@@ -117,3 +117,27 @@ def test_max_inflight_per_server_must_be_positive(bad):
 
     with pytest.raises(ConfigError, match=r"rollout.max_inflight_per_server: expected > 0"):
         load_config(None, [f"rollout.max_inflight_per_server={bad}"])
+
+
+def test_fast_decode_equals_json_decode_and_falls_back_on_texts():
+    import json
+
+    from megafork.rollout.stream import decode_reply, parse_group
+
+    rng = np.random.default_rng(0)
+    items = []
+    for length in (5, 0, 3):
+        lps = [[float(lp), int(t), None] for lp, t in zip(-rng.exponential(size=length), rng.integers(0, 9999, length))]
+        items.append({"text": "x", "output_ids": [t for _, t, _ in lps],
+                      "meta_info": {"finish_reason": {"type": "stop"}, "output_token_logprobs": lps, "weight_version": "4"}})
+    items[0]["meta_info"]["output_token_logprobs"][1][0] = -1e-05  # exponent notation
+    raw = json.dumps(items).encode()
+    fast, ref = decode_reply(raw, 3, 7, "http://s"), parse_group(json.loads(raw), 3, 7, "http://s")
+    assert fast.offsets.tolist() == ref.offsets.tolist() == [0, 5, 5, 8]
+    assert np.array_equal(fast.ids, ref.ids) and np.array_equal(fast.logprobs, ref.logprobs)
+    assert fast.logprobs[1] == np.float32(-1e-05) and fast.weight_version == "4"
+    items[2]["meta_info"]["output_token_logprobs"][0][2] = "tok"  # token texts: the general path
+    assert np.array_equal(decode_reply(json.dumps(items).encode(), 3, 7, "http://s").ids, ref.ids)
+    items[2]["output_ids"][0] += 1
+    with pytest.raises(RolloutError, match=r"http://s/generate \(prompt 7\): output 2: output_token_logprobs do not"):
+        decode_reply(json.dumps(items).encode(), 3, 7, "http://s")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import threading
 import time
 import urllib.parse
 import uuid
@@ -150,21 +151,103 @@ class _Server:
     reason: str = ""
 
 
-def parse_group(payload: object, n: int, prompt_index: int, url: str) -> GroupResult:
-    """Turn a `/generate` reply for one prompt (n samples) into a `GroupResult`.
+_LOGPROBS_KEY = b'"output_token_logprobs":'
+_IDS_KEY = b'"output_ids":'
+
+
+def decode_reply(raw: bytes, n: int, prompt_index: int, url: str) -> GroupResult:
+    """Decode the raw `/generate` reply for one prompt (n samples) into a `GroupResult`.
+
+    The `output_ids` lists and the `[logprob, token_id, null]` triples (the bulk of the reply)
+    are cut out of the bytes and parsed by numpy's C number parser straight into arrays; `json`
+    only sees the small remainder. Anything unexpected in those sections (token texts, say)
+    falls back to plain `json.loads`.
+
+    Raises:
+        RolloutError: the reply is not SGLang's shape (naming the URL and what is wrong).
+    """
+    cut = _cut_sections(raw, (_IDS_KEY, _LOGPROBS_KEY))
+    if cut is not None:
+        rest, sections = cut
+        ids = [_numbers(sec) for sec in sections[_IDS_KEY]]
+        lps = [_numbers(sec) for sec in sections[_LOGPROBS_KEY]]
+        if all(x is not None for x in ids + lps):
+            try:
+                payload = json.loads(rest)
+            except json.JSONDecodeError:
+                payload = None
+            if payload is not None:
+                return parse_group(payload, n, prompt_index, url, ids, lps)
+    try:
+        payload = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise RolloutError(f"{url}/generate (prompt {prompt_index}): reply is not JSON ({exc})") from exc
+    return parse_group(payload, n, prompt_index, url)
+
+
+def _cut_sections(raw: bytes, keys: tuple[bytes, ...]):
+    """Replace the flat-or-triple list after each key by `[]`; returns (rest, {key: [sections]}) or None."""
+    found = sorted((k, key) for key in keys for k in _find_all(raw, key))
+    pieces, sections, pos = [], {key: [] for key in keys}, 0
+    for k, key in found:
+        start = k + len(key)
+        while raw[start:start + 1] in (b" ", b"\n"):
+            start += 1
+        if raw[start:start + 1] != b"[" or start < pos:
+            return None
+        nested = raw[start + 1:start + 2] == b"["
+        end = raw.find(b"]]" if nested else b"]", start)
+        if end < 0:
+            return None
+        end += 2 if nested else 1
+        sections[key].append(raw[start:end])
+        pieces += [raw[pos:start], b"[]"]
+        pos = end
+    pieces.append(raw[pos:])
+    return b"".join(pieces), sections
+
+
+def _find_all(raw: bytes, key: bytes):
+    k = raw.find(key)
+    while k >= 0:
+        yield k
+        k = raw.find(key, k + len(key))
+
+
+def _numbers(section: bytes) -> np.ndarray | None:
+    """`[1, 2]` or `[[lp, id, null], ...]` -> float64 values in order (nulls dropped), or None if
+    the section holds anything but numbers and nulls."""
+    body = section.translate(None, b"[] \n").replace(b",null", b"")
+    if not body:
+        return np.zeros(0)
+    if b"null" in body or b'"' in body:
+        return None
+    return np.fromstring(body, sep=",")
+
+
+def parse_group(payload: object, n: int, prompt_index: int, url: str, id_arrays: list[np.ndarray] | None = None,
+                logprob_arrays: list[np.ndarray] | None = None) -> GroupResult:
+    """Turn a decoded `/generate` reply for one prompt (n samples) into a `GroupResult`.
+
+    Args:
+        payload: the decoded JSON (one item, or a list of n).
+        n: samples expected.
+        prompt_index, url: for the result and messages.
+        id_arrays, logprob_arrays: per item, the `output_ids` and the interleaved (logprob, id)
+            values already parsed by `decode_reply` (they are then empty in `payload`).
 
     Raises:
         RolloutError: the reply does not have SGLang's shape (naming the URL and what is missing).
     """
     items = payload if isinstance(payload, list) else [payload]
     where = f"{url}/generate (prompt {prompt_index})"
-    if len(items) != n:
+    if len(items) != n or (logprob_arrays is not None and not len(logprob_arrays) == len(id_arrays) == n):
         raise RolloutError(f"{where}: expected {n} outputs, got {len(items)}")
     ids_parts, lp_parts, reasons, version = [], [], [], None
     offsets = np.zeros(n + 1, dtype=np.int64)
     for j, item in enumerate(items):
         try:
-            ids = np.asarray(item["output_ids"], dtype=np.int32)
+            ids = np.asarray(item["output_ids"] if id_arrays is None else id_arrays[j]).astype(np.int32)
             meta = item["meta_info"]
             lps = meta["output_token_logprobs"]
             fr = meta.get("finish_reason")
@@ -173,16 +256,19 @@ def parse_group(payload: object, n: int, prompt_index: int, url: str) -> GroupRe
         except (KeyError, TypeError, ValueError) as exc:
             raise RolloutError(f"{where}: output {j} lacks {exc} (expected output_ids and "
                                "meta_info.output_token_logprobs / finish_reason)") from exc
-        if len(lps) != len(ids):
-            raise RolloutError(f"{where}: output {j}: {len(lps)} output_token_logprobs for {len(ids)} output_ids")
-        if len(lps):
-            # Each entry is [logprob, token_id, text]; two C-speed passes, no per-token Python objects kept.
-            lp = np.fromiter((t[0] for t in lps), dtype=np.float32, count=len(lps))
-            check = np.fromiter((t[1] for t in lps), dtype=np.int32, count=len(lps))
-            if not np.array_equal(check, ids):
-                raise RolloutError(f"{where}: output {j}: output_token_logprobs do not match output_ids")
+        if logprob_arrays is not None:
+            flat = logprob_arrays[j]
+            if flat.shape[0] != 2 * len(ids):
+                raise RolloutError(f"{where}: output {j}: {flat.shape[0] // 2} output_token_logprobs for "
+                                   f"{len(ids)} output_ids")
+            lp, check = flat[0::2].astype(np.float32), flat[1::2]
         else:
-            lp = np.zeros(0, dtype=np.float32)
+            if len(lps) != len(ids):
+                raise RolloutError(f"{where}: output {j}: {len(lps)} output_token_logprobs for {len(ids)} output_ids")
+            lp = np.fromiter((t[0] for t in lps), dtype=np.float32, count=len(lps))
+            check = np.fromiter((t[1] for t in lps), dtype=np.int64, count=len(lps))
+        if not np.array_equal(check, ids):
+            raise RolloutError(f"{where}: output {j}: output_token_logprobs do not match output_ids")
         ids_parts.append(ids)
         lp_parts.append(lp)
         offsets[j + 1] = offsets[j] + len(ids)
@@ -230,6 +316,7 @@ class StreamingClient:
             parsed = urllib.parse.urlsplit(u)
             if parsed.scheme != "http" or not parsed.hostname:
                 raise ValueError(f"rollout.sglang_urls: expected http://host:port, found {u!r}")
+        self._parse_lock = threading.Lock()
 
     def run(self, prompts: list[list[int]], sampling: SamplingParams,
             on_group: Callable[[GroupResult], bool] | None = None) -> StreamResult:
@@ -336,12 +423,8 @@ class StreamingClient:
         if status >= 400:
             raise _Failure("fatal", f"{server.url}/generate: HTTP {status}: {raw[:500]!r}")
         try:
-            payload = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise _Failure("fatal", f"{server.url}/generate: reply is not JSON ({exc})") from exc
-        del raw
-        try:
-            return parse_group(payload, n, idx, server.url)
+            with self._parse_lock:  # one reply expanded at a time: bounded transient memory, same speed under the GIL
+                return decode_reply(raw, n, idx, server.url)
         except RolloutError as exc:
             raise _Failure("fatal", str(exc)) from exc
 
