@@ -29,7 +29,7 @@ def _distribute(rank, world, tp, sleep_s):
 
     # The default group's timeout is short: a wait inside it would fail. The control plane's is long.
     dist.destroy_process_group()
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=6))
     dp_rank = rank // tp
     control = ControlPlane(SimpleNamespace(rank=rank, dp_rank=dp_rank), timeout_minutes=1.0)
     shares = None
@@ -46,7 +46,7 @@ def _distribute(rank, world, tp, sleep_s):
 
 @pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)])
 def test_each_replica_gets_its_share_after_a_wait_longer_than_the_default_timeout(world, tp):
-    out = run_ranks(_distribute, world_size=world, args=(tp, 5.0), timeout=120)
+    out = run_ranks(_distribute, world_size=world, args=(tp, 9.0), timeout=120)
     dp = world // tp
     for rank, (payload, mine, acc, replicas) in enumerate(out):
         d = rank // tp

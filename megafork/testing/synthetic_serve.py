@@ -3,6 +3,7 @@
     python -m megafork.testing.synthetic_serve --port 30001 --response-len 2000       # random tokens at once
     python -m megafork.testing.synthetic_serve --port 30002 --delay-s 30              # a server that stalls
     python -m megafork.testing.synthetic_serve --port 30003 --model HF_DIR --delay-s 5   # a real model, slowed
+    python -m megafork.testing.synthetic_serve --port 30004 --prebuilt                  # replies from a cache
 
 This is deliberately not a `megafork` CLI command: it serves made-up responses and must never be
 mistaken for a model. It runs `megafork serve`'s own HTTP server (`megafork.rollout.server`) over
@@ -13,15 +14,20 @@ one of two engines:
   max_new_tokens, else "stop"). It measures what a client can ingest.
 - `--model HF_DIR`: the real `EmbeddedEngine`, with `--delay-s` added before each generation
   (a slow server, for timeout tests of the trainer's control plane).
+- `--prebuilt`: not `megafork serve`'s server but a minimal one that answers `/generate` with
+  a reply encoded once per request shape (random tokens, SGLang's fields) and then served from
+  memory, so a benchmark measures the client's ingestion rather than the server's JSON encoder.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import numpy as np
@@ -107,6 +113,54 @@ class SlowEngine:
         return getattr(self._engine, name)
 
 
+def make_prebuilt_server(host: str, port: int, response_len: int, vocab_size: int, seed: int) -> ThreadingHTTPServer:
+    """SYNTHETIC: `/generate` answered from a per-shape cache of random replies (see the module docstring)."""
+    engine = RandomTokenEngine(vocab_size, response_len, 0.0, seed)
+    cache: dict[tuple, bytes] = {}
+    lock = threading.Lock()
+
+    def reply(body: dict) -> bytes:
+        prompts = body["input_ids"]
+        batch = bool(prompts) and isinstance(prompts[0], list)
+        sp = SamplingParams(n=int(body.get("sampling_params", {}).get("n", 1)),
+                            max_new_tokens=int(body.get("sampling_params", {}).get("max_new_tokens", 128)))
+        key = (len(prompts) if batch else 1, sp.n, sp.max_new_tokens, batch)
+        with lock:
+            if key not in cache:
+                samples = engine.generate(prompts if batch else [prompts], sp)
+                items = [{"text": "", "output_ids": s.response_ids, "meta_info": {
+                    "id": f"synthetic-{k}", "finish_reason": {"type": s.finish_reason},
+                    "output_token_logprobs": [[lp, t, None] for lp, t in zip(s.logprobs, s.response_ids)],
+                    "weight_version": "synthetic"}} for k, s in enumerate(samples)]
+                cache[key] = json.dumps(items if batch or sp.n > 1 else items[0]).encode()
+            return cache[key]
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, fmt, *args):
+            log.debug(fmt, *args)
+
+        def do_GET(self):
+            self._answer(200, b"" if self.path.startswith("/health") else b"{}")
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+            self._answer(200, reply(body) if self.path == "/generate" else b"{}")
+
+        def _answer(self, status: int, data: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
 def main(argv: list[str] | None = None) -> int:
     from megafork.rollout.server import make_server
 
@@ -118,19 +172,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-size", type=int, default=151936)
     ap.add_argument("--delay-s", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prebuilt", action="store_true", help="answer /generate from a per-shape reply cache")
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.model:
+    if args.prebuilt:
+        engine = None
+        server = make_prebuilt_server(args.host, args.port, args.response_len, args.vocab_size, args.seed)
+    elif args.model:
         from megafork.rollout.embedded import EmbeddedEngine
 
         torch.set_num_threads(1)
         engine = SlowEngine(EmbeddedEngine.from_pretrained(args.model, device="cpu"), args.delay_s)
     else:
         engine = RandomTokenEngine(args.vocab_size, args.response_len, args.delay_s, args.seed)
-    server = make_server(engine, args.host, args.port)
+    if engine is not None:
+        server = make_server(engine, args.host, args.port)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    print(f"SYNTHETIC megafork serve ({type(engine).__name__}) on http://{args.host}:{server.server_address[1]}",
+    print(f"SYNTHETIC megafork serve ({type(engine).__name__ if engine else 'prebuilt replies'}) on http://{args.host}:{server.server_address[1]}",
           flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
