@@ -141,3 +141,29 @@ def test_fast_decode_equals_json_decode_and_falls_back_on_texts():
     items[2]["output_ids"][0] += 1
     with pytest.raises(RolloutError, match=r"http://s/generate \(prompt 7\): output 2: output_token_logprobs do not"):
         decode_reply(json.dumps(items).encode(), 3, 7, "http://s")
+
+
+def test_early_stop_aborts_the_open_requests_and_the_server_stops_generating_them():
+    from megafork.rollout.httpjson import request_json
+
+    url, proc = _serve("--stall-token", "999", "--stall-s", "60")
+    try:
+        # Prompts 0-3 answer at once; prompts 4-7 stall until aborted.
+        prompts = [[1, 2, 3]] * 4 + [[999, 2, 3]] * 4
+        client = StreamingClient([url], StreamConfig(max_inflight_per_server=8, request_timeout_s=120))
+        done = []
+
+        def enough(group):
+            done.append(group.prompt_index)
+            return len(done) == 3
+
+        t0 = time.monotonic()
+        res = client.run(prompts, SP, on_group=enough)
+        assert time.monotonic() - t0 < 30  # nobody waited for the stalled requests
+        assert res.stopped_early and res.aborted_requests >= 4
+        assert sorted(done) == sorted(set(done)) and set(done) <= {0, 1, 2, 3}
+        assert all(res.groups[i] is None for i in range(4, 8))
+        info = request_json(url, "/server_info", timeout_s=10)[1]
+        assert info["internal_states"][0]["num_running_reqs"] == 0  # the server stopped generating them
+    finally:
+        stop_servers([proc], grace_s=2)

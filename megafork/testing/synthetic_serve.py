@@ -46,11 +46,14 @@ class RandomTokenEngine:
         response_len: tokens per response (capped by max_new_tokens).
         delay_s: seconds to sleep before answering each request (a stalling server).
         seed: base seed of the random stream.
+        stall_token, stall_s: prompts whose first token is `stall_token` take `stall_s` seconds,
+            unless aborted (`/abort_request`), which ends them at once with finish reason "abort".
     """
 
     synthetic = True
 
-    def __init__(self, vocab_size: int = 151936, response_len: int = 2000, delay_s: float = 0.0, seed: int = 0):
+    def __init__(self, vocab_size: int = 151936, response_len: int = 2000, delay_s: float = 0.0, seed: int = 0,
+                 stall_token: int | None = None, stall_s: float = 0.0):
         self.config = SimpleNamespace(vocab_size=vocab_size, model_type="synthetic-random", architectures=["Synthetic"])
         self.model_path = "SYNTHETIC-random-tokens"
         self.tokenizer = None
@@ -60,26 +63,39 @@ class RandomTokenEngine:
         self.weight_version = "synthetic"
         self.response_len = response_len
         self.delay_s = delay_s
+        self.stall_token, self.stall_s = stall_token, stall_s
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._running = threading.Event()
         self._running.set()
         self.generated_tokens = 0
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Sample]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, row_seeds=None,
+                 cancel: threading.Event | list[threading.Event] | None = None) -> list[Sample]:
+        """Random responses; a prompt starting with `stall_token` first waits `stall_s` (or until
+        its cancel event is set, when it returns the share of tokens "made so far", finish "abort")."""
         prompts = validate_prompts(prompts, self.config.vocab_size)
         if self.delay_s:
             time.sleep(self.delay_s)
         self._running.wait()
+        cancels = cancel if isinstance(cancel, list) else [cancel] * len(prompts)
         length = min(self.response_len, sampling.max_new_tokens)
-        reason = "length" if length == sampling.max_new_tokens else "stop"
-        rows = len(prompts) * sampling.n
-        with self._lock:
-            ids = self._rng.integers(0, self.config.vocab_size, size=(rows, length), dtype=np.int64)
-            lps = -self._rng.exponential(1.0, size=(rows, length)).astype(np.float32)
-            self.generated_tokens += rows * length
-        return [Sample(prompt_index=r // sampling.n, response_ids=ids[r].tolist(), logprobs=lps[r].tolist(),
-                       finish_reason=reason, weight_version=self.weight_version) for r in range(rows)]
+        out = []
+        for i, p in enumerate(prompts):
+            n_tok, reason = length, "length" if length == sampling.max_new_tokens else "stop"
+            if self.stall_token is not None and p[0] == self.stall_token:
+                t0 = time.monotonic()
+                if cancels[i] is not None and cancels[i].wait(self.stall_s):
+                    n_tok, reason = int(length * min(1.0, (time.monotonic() - t0) / self.stall_s)), "abort"
+                elif cancels[i] is None:
+                    time.sleep(self.stall_s)
+            with self._lock:
+                ids = self._rng.integers(0, self.config.vocab_size, size=(sampling.n, n_tok), dtype=np.int64)
+                lps = -self._rng.exponential(1.0, size=(sampling.n, n_tok)).astype(np.float32)
+                self.generated_tokens += sampling.n * n_tok
+            out += [Sample(prompt_index=i, response_ids=ids[r].tolist(), logprobs=lps[r].tolist(), finish_reason=reason,
+                           weight_version=self.weight_version) for r in range(sampling.n)]
+        return out
 
     def pause(self, mode: str = "abort") -> None:
         self._running.clear()
@@ -105,9 +121,9 @@ class SlowEngine:
         self._engine = engine
         self.delay_s = delay_s
 
-    def generate(self, prompts, sampling):
+    def generate(self, prompts, sampling, **kwargs):
         time.sleep(self.delay_s)
-        return self._engine.generate(prompts, sampling)
+        return self._engine.generate(prompts, sampling, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -172,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-size", type=int, default=151936)
     ap.add_argument("--delay-s", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stall-token", type=int, default=None, help="prompts starting with this token stall...")
+    ap.add_argument("--stall-s", type=float, default=0.0, help="...for this long unless aborted")
     ap.add_argument("--prebuilt", action="store_true", help="answer /generate from a per-shape reply cache")
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)
@@ -185,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
         engine = SlowEngine(EmbeddedEngine.from_pretrained(args.model, device="cpu"), args.delay_s)
     else:
-        engine = RandomTokenEngine(args.vocab_size, args.response_len, args.delay_s, args.seed)
+        engine = RandomTokenEngine(args.vocab_size, args.response_len, args.delay_s, args.seed, args.stall_token,
+                                   args.stall_s)
     if engine is not None:
         server = make_server(engine, args.host, args.port)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
