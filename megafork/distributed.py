@@ -31,7 +31,8 @@ class ParallelConfig:
         pp: pipeline-parallel size.
         cp: context-parallel size (needs transformer-engine on GPU).
         backend: "gloo", "nccl" or "auto" (nccl when CUDA is available, else gloo).
-        timeout_minutes: collective timeout.
+        timeout_minutes: collective timeout (> 0; fractions allowed). Rank 0's rollout is waited for on
+            the gloo control plane (`rollout.step_timeout_minutes`), not under this timeout.
         seed: base seed for torch and megatron's RNG tracker.
     """
 
@@ -39,14 +40,18 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     backend: str = "auto"
-    timeout_minutes: int = 30
+    timeout_minutes: float = 30.0
     seed: int = 1234
 
     def __post_init__(self):
-        for name in ("tp", "pp", "cp", "timeout_minutes"):
+        for name in ("tp", "pp", "cp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"parallel.{name}: expected an integer >= 1, found {value!r}")
+        t = self.timeout_minutes
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ValueError(f"parallel.timeout_minutes: expected a number > 0, found {t!r}")
+        self.timeout_minutes = float(t)
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"parallel.backend: expected 'auto', 'gloo' or 'nccl', found {self.backend!r}")
 
