@@ -22,14 +22,15 @@ def _traj(k: int) -> Trajectory:
                       finish_reason="stop")
 
 
-def _distribute(rank, world, tp, sleep_s):
+def _distribute(rank, world, tp, sleep_s, default_timeout_s):
     import torch.distributed as dist
 
     from megafork.train.control import ControlPlane
 
-    # The default group's timeout is short: a wait inside it would fail. The control plane's is long.
-    dist.destroy_process_group()
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=6))
+    if default_timeout_s:
+        # The default group's timeout is short: a wait inside it would fail. The control plane's is long.
+        dist.destroy_process_group()
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=default_timeout_s))
     dp_rank = rank // tp
     control = ControlPlane(SimpleNamespace(rank=rank, dp_rank=dp_rank), timeout_minutes=1.0)
     shares = None
@@ -44,9 +45,11 @@ def _distribute(rank, world, tp, sleep_s):
         acc, control.replicas
 
 
-@pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)])
-def test_each_replica_gets_its_share_after_a_wait_longer_than_the_default_timeout(world, tp):
-    out = run_ranks(_distribute, world_size=world, args=(tp, 9.0), timeout=120)
+# (4, 2): rank 0 sleeps 24 s under a 15 s default-group timeout (margins for a loaded 2-core CI box).
+@pytest.mark.parametrize("world,tp,sleep_s,default_timeout_s", [(2, 1, 0.0, 0), (4, 2, 24.0, 15)])
+def test_each_replica_gets_its_share_after_a_wait_longer_than_the_default_timeout(world, tp, sleep_s,
+                                                                                   default_timeout_s):
+    out = run_ranks(_distribute, world_size=world, args=(tp, sleep_s, default_timeout_s), timeout=240)
     dp = world // tp
     for rank, (payload, mine, acc, replicas) in enumerate(out):
         d = rank // tp

@@ -4,9 +4,9 @@ through a host name.
     .venv/bin/python -m pytest tests/test_train_rollout_wait.py -q
 
 `torchrun --nproc_per_node=2 -m megafork train` (TP=1, so DP=2) against a real `megafork serve`
-HTTP server over the tiny Qwen3 that sleeps 20 s before every generation
+HTTP server over the tiny Qwen3 that sleeps 40 s before every generation
 (`python -m megafork.testing.synthetic_serve --model HF --delay-s 20`). The default process
-group's timeout is 12 s (`parallel.timeout_minutes=0.2`): had rank 1 waited for rank 0's rollout
+group's timeout is 30 s (`parallel.timeout_minutes=0.5`): had rank 1 waited for rank 0's rollout
 inside a collective of that group, it would have timed out. It waits on the gloo control plane
 (`rollout.step_timeout_minutes`) instead. The weight-update group's master address is this
 machine's host name (`rollout.weight_sync_master_addr`), not 127.0.0.1, and the per-tensor
@@ -29,7 +29,7 @@ from megafork.testing.multirank import free_port
 from megafork.testing.tiny_qwen3 import make_tiny_qwen3
 
 REPO = Path(__file__).resolve().parents[1]
-DELAY_S = 20.0
+DELAY_S = 40.0
 
 
 def test_dp2_waits_out_a_slow_rollout_and_syncs_via_the_host_name(tmp_path):
@@ -45,7 +45,7 @@ def test_dp2_waits_out_a_slow_rollout_and_syncs_via_the_host_name(tmp_path):
     try:
         cfg = {
             "model": {"hf_path": str(tmp_path / "hf"), "dtype": "float32", "head_chunk_tokens": 64},
-            "parallel": {"tp": 1, "pp": 1, "backend": "gloo", "timeout_minutes": 0.2},
+            "parallel": {"tp": 1, "pp": 1, "backend": "gloo", "timeout_minutes": 0.5},
             "rollout": {"max_response_len": 4, "engine": "sglang", "sglang_urls": [url], "step_timeout_minutes": 5,
                         "weight_sync_master_addr": socket.gethostname(), "weight_sync_checksum": True,
                         "request_timeout_s": 120},
@@ -64,7 +64,7 @@ def test_dp2_waits_out_a_slow_rollout_and_syncs_via_the_host_name(tmp_path):
         out = proc.stdout[-4000:] + proc.stderr[-6000:]
         assert proc.returncode == 0, out
         (row,) = [json.loads(line) for line in (tmp_path / "runs" / "wait" / "metrics.jsonl").read_text().splitlines()]
-        assert row["seconds_rollout"] > 12.0, row  # longer than the default group's timeout
+        assert row["seconds_rollout"] > 30.0, row  # longer than the default group's timeout
         assert row["groups_kept"] == 2, row
         served = request_json(url, "/get_weights_checksum", timeout_s=30)[1]
         assert served["weight_version"] == "1", served  # the sync after the step reached the server
