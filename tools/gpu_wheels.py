@@ -27,6 +27,9 @@ ROOTS = ("megatron-core", "transformers", "tokenizers", "safetensors", "huggingf
 PROVIDED_ROOTS = ("torch",)
 # Never fetched, whatever the closure says (CUDA builds come with the image).
 NEVER = ("torch", "triton")
+# Small pure-python parts of torch's closure fetched anyway: an image with older versions of them
+# would otherwise leave transformers/megatron unsatisfiable offline (sympy, networkx stay out).
+ALSO = ("typing-extensions", "filelock", "fsspec", "jinja2", "markupsafe", "setuptools")
 
 
 def target_env(python: str) -> dict[str, str]:
@@ -66,7 +69,10 @@ def wanted(python: str) -> dict[str, str]:
     if missing:
         raise SystemExit(f"gpu-wheels: {missing} are required but not installed in this venv "
                          f"({sys.prefix}); run `make setup` first")
-    return {n: v for n, v in sorted(need.items()) if n not in provided and n not in NEVER and v is not None}
+    also = {n: v for n, v in closure(ALSO, env).items() if n in ALSO and v is not None}
+    need.update(also)
+    return {n: v for n, v in sorted(need.items())
+            if (n not in provided or n in also) and n not in NEVER and v is not None}
 
 
 def main(argv: list[str] | None = None) -> int:
