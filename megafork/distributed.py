@@ -34,6 +34,8 @@ class ParallelConfig:
         timeout_minutes: collective timeout (> 0; fractions allowed). Rank 0's rollout is waited for on
             the gloo control plane (`rollout.step_timeout_minutes`), not under this timeout.
         seed: base seed for torch and megatron's RNG tracker.
+        sequence_parallel: megatron sequence parallelism: activations outside attention/MLP
+            (norms, residuals, dropout) are split over the TP ranks along the sequence (needs tp > 1).
     """
 
     tp: int = 1
@@ -42,6 +44,7 @@ class ParallelConfig:
     backend: str = "auto"
     timeout_minutes: float = 30.0
     seed: int = 1234
+    sequence_parallel: bool = False
 
     def __post_init__(self):
         for name in ("tp", "pp", "cp"):
@@ -54,6 +57,9 @@ class ParallelConfig:
         self.timeout_minutes = float(t)
         if self.backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"parallel.backend: expected 'auto', 'gloo' or 'nccl', found {self.backend!r}")
+        if self.sequence_parallel is True and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel: expected false with parallel.tp=1 (sequence parallelism "
+                             "splits activations over the TP ranks), found true")
 
 
 @dataclass

@@ -96,8 +96,17 @@ def _unwrap(model):
     return model
 
 
-def _flat_hidden(hidden: torch.Tensor) -> torch.Tensor:
-    """[s, b, h] decoder output -> [b*s, h] in the token order of [b, s] batch tensors."""
+def _flat_hidden(hidden: torch.Tensor, model, tp_group) -> torch.Tensor:
+    """[s, b, h] decoder output -> [b*s, h] in the token order of [b, s] batch tensors.
+
+    Under sequence parallelism the decoder returns this rank's [s/tp, b, h] slice; it is gathered
+    with `tensor_parallel_output_grad=False`: the fused head already sums the hidden gradient over
+    TP, so the backward keeps this rank's slice instead of reduce-scattering a summed gradient.
+    """
+    if model.config.sequence_parallel:
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=tp_group)
     return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1])
 
 
@@ -140,7 +149,7 @@ def policy_loss_func(cfg: PolicyLossConfig, tp_group, vocab_size: int, batch, mo
     Returns:
         (summed loss, token count as an int tensor, detached scalar metrics).
     """
-    h = _flat_hidden(hidden)
+    h = _flat_hidden(hidden, model, tp_group)
     weight = model.output_weight()
     labels = batch.labels.reshape(-1)
     weights, response = correction_for(cfg, batch)
@@ -209,7 +218,7 @@ def logprob_forward_step(tp_group: dist.ProcessGroup | None, vocab_size: int, te
 
 
 def _logprob_loss_func(tp_group, vocab_size, temperature, chunk_size, batch, model, hidden):
-    lp, ent = fused_head_logprobs_entropy(_flat_hidden(hidden), model.output_weight(), batch.labels.reshape(-1),
+    lp, ent = fused_head_logprobs_entropy(_flat_hidden(hidden, model, tp_group), model.output_weight(), batch.labels.reshape(-1),
                                           tp_group=tp_group, temperature=temperature, vocab_size=vocab_size,
                                           chunk_size=chunk_size)
     shape = batch.labels.shape

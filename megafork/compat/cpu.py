@@ -21,6 +21,19 @@ each of these raises. We fix them with two mechanisms, both applied only when
    for a synchronous save. Forking a process that runs gloo's threads intermittently deadlocked
    the child here; the replacement writes the same buckets in-process, in order.
 
+5. **One constructor wrapped:** `WrappedTorchNorm.__new__` (transformer/torch_norm.py) asserts
+   `not config.sequence_parallel`; TE's norms, used on GPU, support SP. Under SP the wrapper builds
+   the same `torch.nn.RMSNorm` and marks its weight `sequence_parallel = True`, which is what TE
+   does: megatron's `finalize_model_grads` then all-reduces that gradient over TP (each rank saw
+   only its slice of the sequence).
+
+6. **Two functions replaced:** `_get_cuda_rng_state` / `_set_cuda_rng_state`
+   (tensor_parallel/random.py) read and write the CUDA generator for activation recomputation
+   (`CheckpointFunction`, `CheckpointWithoutOutput` save every RNG state and replay it in the
+   backward). A CPU-only torch has no CUDA generator: the replacements return an empty state and
+   restore nothing, while the CPU generator (the one dropout draws from here) is still saved and
+   replayed by megatron's own code.
+
 Avoided without a patch (see megafork.distributed): the CUDA RNG tracker (megatron's
 inference tracker, whose fork() is a no-op, with dropout 0) and the causal mask built on
 "cuda" (the redirect covers transformer/utils.py; callers may also pass an explicit mask).
@@ -168,6 +181,36 @@ def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, glob
     global_results_queue.put(results)
 
 
+def _norm_allowing_sequence_parallel(original_new):
+    """Wrap WrappedTorchNorm.__new__: under SP build the plain norm and mark its params as SP."""
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        config.sequence_parallel = False  # the shared config, restored below; the build is single-threaded
+        try:
+            norm = original_new(cls, config, hidden_size, *args, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+    __new__.__wrapped__ = original_new
+    return staticmethod(__new__)
+
+
+def _no_cuda_rng_state(*args, **kwargs) -> torch.Tensor:
+    """CPU twin of megatron's _get_cuda_rng_state: there is no CUDA generator to save."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _restore_no_cuda_rng_state(new_state, *args, **kwargs) -> None:
+    """CPU twin of megatron's _set_cuda_rng_state: nothing to restore without CUDA."""
+    if new_state.numel():
+        raise RuntimeError("megafork.compat: a CUDA RNG state reached a CPU-only process")
+
+
 def apply_cpu_patches() -> bool:
     """Make megatron-core runnable on a CPU-only torch. Idempotent.
 
@@ -196,6 +239,15 @@ def apply_cpu_patches() -> bool:
     cls.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(cls.setup_embeddings_and_output_layer)
     fs_async = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
     fs_async.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_process)
+    mcore_random = importlib.import_module("megatron.core.tensor_parallel.random")
+    for name in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
+        if not hasattr(mcore_random, name):
+            raise RuntimeError(f"megafork.compat: megatron.core.tensor_parallel.random.{name} not found; this "
+                               "megatron-core version is not supported")
+    mcore_random._get_cuda_rng_state = _no_cuda_rng_state
+    mcore_random._set_cuda_rng_state = _restore_no_cuda_rng_state
+    torch_norm = importlib.import_module("megatron.core.transformer.torch_norm")
+    torch_norm.WrappedTorchNorm.__new__ = _norm_allowing_sequence_parallel(torch_norm.WrappedTorchNorm.__new__)
     _applied = True
     return True
 

@@ -276,7 +276,8 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer, 
 
     if rank == 0:
         try:
-            _publish(root, tmp, final, step, world, model_keys, has_opt_state, scheduler, groups, nonce, keep_last)
+            _publish(root, tmp, final, step, world, model_keys, has_opt_state, scheduler, groups, nonce, keep_last,
+                     distributed=_is_distributed(optimizer))
             logger.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - t0)
         except OSError as exc:
             failure = storage_error(exc, root, what)
@@ -294,12 +295,12 @@ def _raise_everywhere(failure: StorageError | None) -> None:
 
 
 def _publish(root: Path, tmp: Path, final: Path, step: int, world: int, model_keys: list, has_opt_state: bool,
-             scheduler, groups, nonce: str, keep_last: int) -> None:
+             scheduler, groups, nonce: str, keep_last: int, distributed: bool = False) -> None:
     """Rank 0: write the meta file, rename the save into place, repoint `latest`, prune."""
     meta = {
         "format_version": FORMAT_VERSION, "step": int(step), "world_size": world, "model_keys": model_keys,
         "has_optimizer_state": has_opt_state, "has_scheduler": scheduler is not None,
-        "layout": _layout(groups),
+        "distributed_optimizer": distributed, "layout": _layout(groups),
         "megatron_core": _megatron_version(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     for f in tmp.iterdir():
@@ -372,6 +373,11 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, 
         raise CheckpointError(f"checkpoint {p}: expected model chunks {meta['model_keys']} (as saved), found "
                               f"{model_keys} in this run (virtual pipeline size differs)")
     want_opt = load_optimizer and optimizer is not None and meta["has_optimizer_state"]
+    if want_opt and meta.get("distributed_optimizer", False) != _is_distributed(optimizer):
+        raise CheckpointError(f"checkpoint {p}: its optimizer state was saved with optim.distributed_optimizer="
+                              f"{str(meta.get('distributed_optimizer', False)).lower()}, this run has "
+                              f"optim.distributed_optimizer={str(_is_distributed(optimizer)).lower()}; the two "
+                              "optimizer layouts differ: resume with the saved setting")
     if want_opt:
         state["optimizer"] = optimizer.sharded_state_dict({k: state[k] for k in model_keys}, is_loading=True)
     layout = _layout(groups)

@@ -26,33 +26,11 @@ import yaml
 from megafork.algo.rollout_correction import check_correction
 from megafork.distributed import ParallelConfig
 from megafork.rollout.deploy import check_master_addr
+from megafork.train.config_model import ModelConfig, OptimConfig
 from megafork.train.config_types import ConfigError, _check_types, _positive, _require, coerce
 
 # --------------------------------------------------------------------------------------------------
 # Sections.
-
-@dataclass
-class ModelConfig:
-    """The policy model.
-
-    Attributes:
-        hf_path: HF Qwen3 directory (config.json, safetensors, tokenizer); also the rollout weights.
-        megatron_path: a megatron dist checkpoint to start from instead ("" = convert `hf_path`).
-        dtype: parameter/compute dtype of the trainer.
-        transformer_impl: megatron layer spec; "transformer_engine" needs TE on GPU.
-        head_chunk_tokens: tokens per chunk of the fused LM head (bounds the [chunk, V/tp] logits).
-    """
-
-    hf_path: str = ""
-    megatron_path: str = ""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    transformer_impl: Literal["local", "transformer_engine"] = "local"
-    head_chunk_tokens: int = 4096
-
-    def __post_init__(self):
-        _check_types(self, "model")
-        _positive(self, "model", "head_chunk_tokens")
-
 
 @dataclass
 class RolloutConfig:
@@ -248,39 +226,6 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
-    """Adam with warm-up and a schedule (paper: lr 1e-6, 10 warm-up steps, wd 0.1, clip 1.0).
-
-    Attributes:
-        lr: peak learning rate.
-        min_lr: floor of the cosine/linear decay.
-        warmup_steps: linear warm-up from 0.
-        schedule: "constant", "cosine" or "linear" after warm-up (decay ends at `train.steps`).
-        weight_decay: decoupled weight decay.
-        grad_clip: global grad-norm clip (0 disables).
-        adam_beta1, adam_beta2, adam_eps: Adam's constants.
-    """
-
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    warmup_steps: int = 10
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-
-    def __post_init__(self):
-        _check_types(self, "optim")
-        _positive(self, "optim", "lr", "adam_eps")
-        _positive(self, "optim", "min_lr", "warmup_steps", "weight_decay", "grad_clip", allow_zero=True)
-        _require(self.min_lr <= self.lr, "optim.min_lr", f"<= optim.lr={self.lr}", self.min_lr)
-        for n in ("adam_beta1", "adam_beta2"):
-            _require(0.0 <= getattr(self, n) < 1.0, f"optim.{n}", "a float in [0, 1)", getattr(self, n))
-
-
-@dataclass
 class TrainConfig:
     """Step structure, checkpoints and seeds.
 
@@ -406,6 +351,9 @@ class Config:
             _require(isinstance(getattr(self, name), cls), name, f"a {cls.__name__}", getattr(self, name))
         # ParallelConfig checks ranges only; type-check it like our own sections.
         _check_types(self.parallel, "parallel")
+        if not self.optim.grad_reduce_in_fp32:
+            _require(self.model.dtype != "float32", "optim.grad_reduce_in_fp32",
+                     "true with model.dtype='float32' (false only changes bf16/fp16 gradient buffers)", False)
         if self.algo.overlong_shaping:
             _require(self.algo.overlong_buffer < self.rollout.max_response_len, "algo.overlong_buffer",
                      f"< rollout.max_response_len={self.rollout.max_response_len}", self.algo.overlong_buffer)

@@ -60,7 +60,7 @@ def train(cfg) -> dict:
         threshold, sums = math.nan, {}
         if mbs:
             with timer("old_pass"):
-                old_pass(run.model, mbs, groups, run.vocab_size, cfg.rollout.temperature, cfg.model.head_chunk_tokens)
+                old_pass(run.model, mbs, groups, run.vocab_size, cfg.rollout.temperature, run.loss_cfg.chunk_size)
                 threshold = select(mbs, cfg.forking, minis, groups, seed=cfg.train.seed + step)
             with timer("update"):
                 sums = train_minibatches(run.model, run.optimizer, mbs, minis, run.loss_cfg, groups, run.vocab_size)

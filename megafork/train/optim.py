@@ -2,7 +2,7 @@
 
     model = build_qwen3(hf, opts, groups)
     enable_per_token_loss(model)                        # BEFORE wrap_ddp: DDP reads it
-    ddp = wrap_ddp(model, groups)
+    ddp = wrap_ddp(model, groups, cfg.optim)
     optimizer, scheduler = build_optimizer(cfg.optim, [ddp], total_steps=cfg.train.steps, groups=groups)
     ...                                                 # forward_backward_func(model=[ddp], ...)
     update_ok, grad_norm, _ = optimizer.step()
@@ -10,7 +10,8 @@
 
 Public API:
     enable_per_token_loss(model_or_chunks) -> None
-    wrap_ddp(model, groups, *, disable_bucketing=False) -> DistributedDataParallel
+    wrap_ddp(model, groups, optim_cfg=None, *, disable_bucketing=False) -> DistributedDataParallel
+    finish_param_sync(model_chunks) -> None   (after the step's last optimizer.step())
     build_optimizer(optim_cfg, model_chunks, total_steps, groups=None) -> (MegatronOptimizer, OptimizerParamScheduler)
     configure_schedule(model_chunks, optimizer, groups=None) -> None   (called by build_optimizer)
     current_lr(optimizer) -> float
@@ -53,17 +54,20 @@ def enable_per_token_loss(model_or_chunks) -> None:
         _model_config(chunk).calculate_per_token_loss = True
 
 
-def wrap_ddp(model, groups, *, disable_bucketing: bool = False):
+def wrap_ddp(model, groups, optim_cfg=None, *, disable_bucketing: bool = False):
     """Wrap one model chunk in megatron-core `DistributedDataParallel`.
 
-    The DDP config is fixed: fp32 gradient accumulation and reduction (`grad_reduce_in_fp32`), no
-    overlap (the RL update is a few mini-batches; overlap buys nothing on gloo), no distributed
-    optimizer. With `calculate_per_token_loss=True` on the model config DDP sums gradients over DP
-    and `finalize_model_grads` divides by the global token count.
+    The DDP config comes from `optim_cfg` (`optim.grad_reduce_in_fp32`, `optim.overlap_grad_reduce`,
+    `optim.distributed_optimizer`, `optim.overlap_param_gather`); without one it is fp32 gradient
+    buffers, no overlap and no distributed optimizer. With `calculate_per_token_loss=True` on the
+    model config DDP sums gradients over DP and `finalize_model_grads` divides by the global token
+    count.
 
     Args:
         model: this rank's model chunk (e.g. `build_qwen3(...)`), already on its device.
         groups: `megafork.distributed.ParallelGroups` (its `pg_collection` is passed to DDP).
+        optim_cfg: `megafork.train.config.OptimConfig` (None: the defaults above). Pass the same
+            one to `build_optimizer`.
         disable_bucketing: put every parameter in one bucket (megatron does this for virtual
             pipeline chunks after the first).
 
@@ -81,10 +85,27 @@ def wrap_ddp(model, groups, *, disable_bucketing: bool = False):
         raise ValueError("wrap_ddp: expected the model's TransformerConfig to have calculate_per_token_loss=True "
                          "(megafork's loss returns (sum, num_tokens, metrics)), found False; call "
                          "megafork.train.optim.enable_per_token_loss(model) before wrapping")
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False)
+    o = optim_cfg
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True if o is None else o.grad_reduce_in_fp32,
+        overlap_grad_reduce=False if o is None else o.overlap_grad_reduce,
+        use_distributed_optimizer=False if o is None else o.distributed_optimizer,
+        overlap_param_gather=False if o is None else o.overlap_param_gather)
     return DistributedDataParallel(config, ddp_config, model, disable_bucketing=disable_bucketing,
                                    pg_collection=groups.pg_collection)
+
+
+def finish_param_sync(model_chunks: list) -> None:
+    """Make every parameter current after the last `optimizer.step()` of a step.
+
+    With `optim.overlap_param_gather` the distributed optimizer's all-gather of updated params is
+    left to the next forward pass's pre-hooks; the weight export and checkpoints read the params
+    directly, so they gather here first (megatron's training loop does the same before saving).
+    """
+    for chunk in model_chunks:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.disable_forward_pre_hook(param_sync=True)
+            chunk.enable_forward_pre_hook()
 
 
 def _optimizer_config(optim_cfg, model_config):
@@ -105,7 +126,9 @@ def _optimizer_config(optim_cfg, model_config):
         fp16=dtype == torch.float16,
         params_dtype=dtype,
         # megatron's default: dynamic loss scaling for fp16 (initial 2^32), none for bf16/fp32.
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=optim_cfg.distributed_optimizer,
+        optimizer_cpu_offload=optim_cfg.cpu_offload,
+        optimizer_offload_fraction=1.0 if optim_cfg.cpu_offload else 0.0,
     )
 
 
@@ -151,6 +174,9 @@ def build_optimizer(optim_cfg, model_chunks: list, total_steps: int, groups=None
         raise ValueError("build_optimizer: expected a non-empty list of DDP-wrapped chunks (wrap_ddp), "
                          f"found {[type(c).__name__ for c in model_chunks]}")
     model_config = _model_config(model_chunks[0])
+    _check_ddp_matches(optim_cfg, model_chunks)
+    if optim_cfg.cpu_offload:
+        _check_cpu_offload_available()
     if model_config.params_dtype != torch.float32 and not torch.cuda.is_available():
         # Float16OptimizerWithFloat16Params accepts only torch.cuda.{Half,BFloat16}Tensor params.
         raise ValueError(f"model.dtype: megatron's mixed-precision optimizer needs CUDA tensors; expected "
@@ -180,6 +206,28 @@ def build_optimizer(optim_cfg, model_chunks: list, total_steps: int, groups=None
     )
     configure_schedule(model_chunks, optimizer, groups)
     return optimizer, scheduler
+
+
+def _check_ddp_matches(optim_cfg, model_chunks: list) -> None:
+    # DistributedOptimizer needs DDP's sharded grad buffers: both sides must agree.
+    for i, chunk in enumerate(model_chunks):
+        ddp = chunk.ddp_config
+        if ddp.use_distributed_optimizer != optim_cfg.distributed_optimizer:
+            raise ValueError(f"optim.distributed_optimizer={optim_cfg.distributed_optimizer}: model chunk {i} was "
+                             f"wrapped with use_distributed_optimizer={ddp.use_distributed_optimizer}; pass the same "
+                             "optim config to wrap_ddp")
+
+
+def _check_cpu_offload_available() -> None:
+    """optim.cpu_offload runs megatron's HybridDeviceOptimizer: host Adam fed from CUDA grads."""
+    if not torch.cuda.is_available():
+        raise ValueError("optim.cpu_offload: not available on a CPU-only torch (the optimizer state already lives "
+                         "in host memory here); set optim.cpu_offload=false")
+    try:
+        from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"optim.cpu_offload: not available with this megatron-core ({exc}); set "
+                         "optim.cpu_offload=false") from exc
 
 
 def configure_schedule(model_chunks: list, optimizer, groups=None) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -65,7 +66,8 @@ def build_run(cfg, groups) -> Run:
 
     opts = Qwen3BuildOptions(dtype=_DTYPES[cfg.model.dtype],
                              spec="te" if cfg.model.transformer_impl == "transformer_engine" else "local",
-                             use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False)
+                             use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=False,
+                             sequence_parallel=cfg.parallel.sequence_parallel, **cfg.model.build_options())
     if cfg.model.megatron_path:  # its padded vocab and config come from the checkpoint's metadata
         model, _ = build_from_megatron_checkpoint(cfg.model.megatron_path, groups, opts)
         ours, theirs = (dataclasses.replace(c, source="") for c in (read_hf_config(cfg.model.hf_path), model.hf_config))
@@ -78,14 +80,14 @@ def build_run(cfg, groups) -> Run:
     hf = model.hf_config
     model.config.variable_seq_lengths = groups.pp_size > 1  # micro-batches are padded per batch
     enable_per_token_loss(model)
-    chunks = [wrap_ddp(model, groups)]
+    chunks = [wrap_ddp(model, groups, cfg.optim)]
     optimizer, scheduler = build_optimizer(cfg.optim, chunks, total_steps=cfg.train.steps, groups=groups)
 
     fk = cfg.forking
     loss_cfg = PolicyLossConfig(
         clip_low=cfg.algo.clip_low, clip_high=cfg.algo.clip_high, clip_ratio_c=cfg.algo.clip_ratio_c,
         normalizer=cfg.algo.normalizer, temperature=cfg.rollout.temperature,
-        chunk_size=cfg.model.head_chunk_tokens,
+        chunk_size=cfg.model.head_chunk_tokens or None,
         local_ratio=fk.ratio if fk.scope == "local" else None, local_mode=fk.mode if fk.scope == "local" else "top",
         rollout_correction=cfg.algo.rollout_correction, rollout_is_cap=cfg.algo.rollout_is_cap,
         rollout_mask_low=cfg.algo.rollout_mask_low, rollout_mask_high=cfg.algo.rollout_mask_high)
@@ -93,8 +95,17 @@ def build_run(cfg, groups) -> Run:
               vocab_size=hf.vocab_size, loss_cfg=loss_cfg, tokenizer=tokenizer, dataset=dataset,
               eval_dataset=eval_dataset, sampler=sampler, reward_fn=get_reward(cfg.data.reward),
               engine=engine, sender=sender,
-              pad_multiple=Run.resolve_pad_multiple(cfg.train.pad_multiple, groups.device))
+              pad_multiple=sp_pad_multiple(Run.resolve_pad_multiple(cfg.train.pad_multiple, groups.device), cfg, groups))
     return run
+
+
+def sp_pad_multiple(pad_multiple: int, cfg, groups) -> int:
+    """Under sequence parallelism every micro-batch length must also split evenly over the TP ranks.
+
+    The extra positions are right padding: causal attention keeps them out of every real token's
+    context and they carry no label.
+    """
+    return math.lcm(pad_multiple, groups.tp_size) if cfg.parallel.sequence_parallel else pad_multiple
 
 
 def _build_engine(cfg):

@@ -17,6 +17,7 @@ from megafork.forking import select_forking_tokens
 from megafork.ops import deferred_checks
 from megafork.pipeline import PolicyLossConfig, logprob_forward_step, policy_forward_step
 from megafork.train.batch import MicroBatch
+from megafork.train.optim import finish_param_sync
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def train_minibatches(model_chunks, optimizer, microbatches: list[MicroBatch],
         for res in out if groups.is_last_stage else []:
             for k, v in res.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
+    finish_param_sync(model_chunks)  # overlap_param_gather: export and checkpoints read the params next
     # One norm per optimizer step (mini-batch): report their mean and max.
     totals["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
     totals["grad_norm_max"] = max(grad_norms) if grad_norms else float("nan")

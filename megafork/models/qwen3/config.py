@@ -72,7 +72,8 @@ class Qwen3BuildOptions:
         dtype: parameter dtype, "fp32", "bf16" or "fp16".
         vocab_multiple: the padded vocab is a multiple of vocab_multiple * tp (megatron's
             make-vocab-size-divisible-by convention).
-        sequence_parallel: megatron sequence parallelism (needs transformer-engine).
+        sequence_parallel: megatron sequence parallelism (tp > 1; TE's norms on GPU, megafork.compat's
+            shim for megatron's torch norm on CPU).
         recompute_granularity: None, "selective" or "full" (see module docstring).
         recompute_method: None, "uniform" or "block" (with granularity "full").
         recompute_num_layers: layers per recompute chunk (uniform) or per stage (block).
@@ -290,15 +291,22 @@ def to_transformer_config(hf: Qwen3HFConfig, opts: Qwen3BuildOptions, tp: int = 
     from megatron.core.transformer import TransformerConfig
 
     check_parallel_layout(hf, tp, pp)
-    if opts.sequence_parallel and not te_available():
-        raise ValueError("model.sequence_parallel=True needs transformer-engine (its fused norms and "
-                         "attention), which is not importable here; set sequence_parallel=False")
+    cuda = torch.cuda.is_available()
     if cp > 1 and not te_available():
         raise ValueError(f"parallel.cp = {cp} (context parallelism) needs transformer-engine attention, "
                          "which is not importable here; set cp=1")
     if opts.sequence_parallel and tp == 1:
-        raise ValueError("model.sequence_parallel=True needs tp > 1")
-    cuda = torch.cuda.is_available()
+        raise ValueError("parallel.sequence_parallel: expected false with tp=1, found true")
+    uses_te = opts.spec == "te" or (opts.spec == "auto" and te_available())
+    if opts.sequence_parallel and cuda and not uses_te:
+        # On CPU megafork.compat lets megatron's torch norm run under SP; a GPU run uses TE's norms.
+        raise ValueError("parallel.sequence_parallel with model.transformer_impl='local' on GPU: megatron's "
+                         "torch norm refuses sequence parallelism; use transformer_engine")
+    if opts.recompute_granularity == "full":
+        per_stage = hf.num_hidden_layers // pp
+        if not 1 <= opts.recompute_num_layers <= per_stage:
+            raise ValueError(f"model.recompute_num_layers: expected 1..{per_stage} (the layers of one pipeline "
+                             f"stage: {hf.num_hidden_layers} / pp {pp}), found {opts.recompute_num_layers}")
     dtype = opts.torch_dtype
     return TransformerConfig(
         num_layers=hf.num_hidden_layers,
