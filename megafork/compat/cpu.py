@@ -34,6 +34,11 @@ each of these raises. We fix them with two mechanisms, both applied only when
    restore nothing, while the CPU generator (the one dropout draws from here) is still saved and
    replayed by megatron's own code.
 
+7. **One constructor wrapped:** `DistributedOptimizer.__init__` (optimizer/distrib_optimizer.py)
+   sorts parameters by `param.type()` and accepts only the strings
+   `torch.cuda.{Float,Half,BFloat16}Tensor`. While it runs, `Tensor.type()` (no arguments) names a
+   CPU tensor's CUDA twin, so fp32 params take the same fp32 branch they take on GPU.
+
 Avoided without a patch (see megafork.distributed): the CUDA RNG tracker (megatron's
 inference tracker, whose fork() is a no-op, with dropout 0) and the causal mask built on
 "cuda" (the redirect covers transformer/utils.py; callers may also pass an explicit mask).
@@ -161,6 +166,32 @@ def _tensor_cuda_is_identity(method):
     return wrapped
 
 
+def _tensor_type_names_cuda(method):
+    """Wrap `method` so that `Tensor.type()` inside it reports CPU tensors as their CUDA type."""
+
+    def wrapped(*args, **kwargs):
+        original = torch.Tensor.type
+
+        def type_(self, dtype=None, non_blocking=False, **kw):
+            if dtype is None and not kw:
+                name = original(self)
+                if self.device.type == "cpu" and not name.startswith("torch.cuda."):
+                    return "torch.cuda." + name.removeprefix("torch.")
+                return name
+            return original(self, dtype, non_blocking, **kw)
+
+        torch.Tensor.type = type_
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+
+    wrapped.__name__ = method.__name__
+    wrapped.__doc__ = method.__doc__
+    wrapped.__wrapped__ = method
+    return wrapped
+
+
 def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):
     """In-process twin of FileSystemWriterAsync.write_preloaded_data_multiproc (no fork)."""
     import queue
@@ -239,6 +270,8 @@ def apply_cpu_patches() -> bool:
     cls.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(cls.setup_embeddings_and_output_layer)
     fs_async = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
     fs_async.FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_process)
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+    distrib.DistributedOptimizer.__init__ = _tensor_type_names_cuda(distrib.DistributedOptimizer.__init__)
     mcore_random = importlib.import_module("megatron.core.tensor_parallel.random")
     for name in ("_get_cuda_rng_state", "_set_cuda_rng_state"):
         if not hasattr(mcore_random, name):

@@ -79,6 +79,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 # Re-exported: together with this module they are the public checkpoint API.
@@ -258,7 +259,8 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer, 
     has_opt_state = optimizer is not None and _optimizer_has_state(optimizer)
     if has_opt_state:
         # Megatron's optimizer only knows params through the model's sharded dict (all chunks).
-        state["optimizer"] = optimizer.sharded_state_dict({k: state[k] for k in model_keys})
+        state["optimizer"] = optimizer.sharded_state_dict({k: state[k] for k in model_keys},
+                                                           metadata=_OPTIMIZER_METADATA)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     state["extra"] = pickle.dumps(extra or {})
@@ -294,6 +296,20 @@ def _raise_everywhere(failure: StorageError | None) -> None:
         raise StorageError("rank 0", message)
 
 
+# The distributed optimizer's layout on disk: each rank writes its own contiguous shard of the Adam
+# state (parallel, no gather); it reloads under any DP size but the same TP/PP. megatron's default
+# ("fully_sharded_model_space") needs flattened ShardedTensors, which this dist_checkpointing refuses.
+# The plain optimizer ignores this key.
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
+
+
 def _publish(root: Path, tmp: Path, final: Path, step: int, world: int, model_keys: list, has_opt_state: bool,
              scheduler, groups, nonce: str, keep_last: int, distributed: bool = False) -> None:
     """Rank 0: write the meta file, rename the save into place, repoint `latest`, prune."""
@@ -323,6 +339,51 @@ def _publish(root: Path, tmp: Path, final: Path, step: int, world: int, model_ke
     os.replace(pointer_tmp, root / LATEST_FILE)
     _fsync_dir(root)
     _prune(root, keep_last, protect=final, nonce=nonce)
+
+
+def _init_distributed_state(optimizer) -> None:
+    """Give a fresh DistributedOptimizer's torch Adam zero state (step, exp_avg, exp_avg_sq) to load into.
+
+    Without apex/TE, megatron reads the step from every Adam state entry when it builds the
+    loading state dict; torch.optim.Adam creates them only at its first step. The values are
+    placeholders: the load overwrites every one of them.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        for group in opt.optimizer.param_groups:
+            for p in group["params"]:
+                st = opt.optimizer.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give every torch Adam state entry of a loaded DistributedOptimizer its own, saved `step`.
+
+    Without apex/TE, megatron's `DistributedOptimizer.load_state_dict` (megatron-core 0.16) keeps
+    the step of a torch Adam in the param groups (`group["step"]`), then (1) writes one shared
+    tensor into every parameter's state, which torch Adam increments in place once per parameter,
+    and (2) overwrites it with the per-parameter "step" of the dp_reshardable shards, which
+    dist_checkpointing does not store (the loading template's placeholder comes back). The
+    group's step is the saved one; each entry gets its own copy of it.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        for group in opt.optimizer.param_groups:
+            if group.get("step") is None:
+                continue
+            for p in group["params"]:
+                st = opt.optimizer.state.get(p)
+                if st and "step" in st:
+                    st["step"] = torch.tensor(float(group["step"]), dtype=st["step"].dtype)
 
 
 def _layout(groups) -> dict:
@@ -379,7 +440,9 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, 
                               f"optim.distributed_optimizer={str(_is_distributed(optimizer)).lower()}; the two "
                               "optimizer layouts differ: resume with the saved setting")
     if want_opt:
-        state["optimizer"] = optimizer.sharded_state_dict({k: state[k] for k in model_keys}, is_loading=True)
+        _init_distributed_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict({k: state[k] for k in model_keys}, is_loading=True,
+                                                           metadata=_OPTIMIZER_METADATA)
     layout = _layout(groups)
     same_world = meta["world_size"] == world and meta.get("layout") == layout
     if same_world:
@@ -405,7 +468,11 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, 
             raise CheckpointError(f"checkpoint {p}: model state {key!r} does not match the model; missing "
                                   f"{missing[:8]}, unexpected {list(unexpected)[:8]}")
     if want_opt:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # no_grad: with fp32 params the distributed optimizer's main params are views of the model's
+        # leaf params, and megatron copies the loaded shards into them in place.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     elif load_optimizer and optimizer is not None:
         logger.info("checkpoint %s holds no optimizer state (saved before the first step): optimizer starts fresh", p)
     if scheduler is not None:
