@@ -111,6 +111,51 @@ def test_checkpoint_writer_runs_in_process(tmp_path):
     assert (tmp_path / "__0_0.distcp").stat().st_size > 0 and len(out[0]) == 1
 
 
+def test_recompute_rng_state_twins():
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    from megafork.compat.cpu import _no_cuda_rng_state, _restore_no_cuda_rng_state
+
+    assert mcore_random._get_cuda_rng_state is _no_cuda_rng_state
+    assert mcore_random._set_cuda_rng_state is _restore_no_cuda_rng_state
+    # megatron's own save/replay of every RNG (what CheckpointFunction does) now runs, and still
+    # replays the CPU generator: the same draw after restoring.
+    states = mcore_random._get_all_rng_states()
+    a = torch.rand(3)
+    mcore_random._set_all_rng_states(*states)
+    assert torch.equal(torch.rand(3), a)
+    with pytest.raises(RuntimeError, match="CUDA RNG state reached a CPU-only process"):
+        _restore_no_cuda_rng_state(torch.ones(4, dtype=torch.uint8))
+
+
+def test_distributed_optimizer_sees_cuda_type_names():
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from megafork.compat.cpu import _tensor_type_names_cuda
+
+    assert hasattr(DistributedOptimizer.__init__, "__wrapped__"), "DistributedOptimizer.__init__ is not wrapped"
+    original = torch.Tensor.type
+    seen = _tensor_type_names_cuda(lambda: (torch.ones(1).type(), torch.ones(1, dtype=torch.bfloat16).type(),
+                                            torch.ones(1).type(torch.float64).dtype))()
+    assert seen == ("torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor", torch.float64)
+    assert torch.Tensor.type is original and torch.ones(1).type() == "torch.FloatTensor"
+
+
+def test_torch_norm_under_sequence_parallel_marks_its_weight():
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm",
+                            tensor_model_parallel_size=1)
+    cfg.sequence_parallel = True  # as with tp > 1 (the config's own check wants a TP group for it)
+    norm = WrappedTorchNorm(cfg, 8, eps=1e-6)
+    assert isinstance(norm, torch.nn.RMSNorm) and norm.weight.sequence_parallel is True
+    assert cfg.sequence_parallel is True, "the shared config must be restored"
+    cfg.sequence_parallel = False
+    plain = WrappedTorchNorm(cfg, 8, eps=1e-6)
+    assert not getattr(plain.weight, "sequence_parallel", False)
+
+
 def test_nothing_is_patched_when_cuda_is_available():
     code = (
         "import torch; torch.cuda.is_available = lambda: True\n"

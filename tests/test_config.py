@@ -85,6 +85,31 @@ ERRORS = [
     (["train.prompts_per_step=100"], r"train.prompts_per_step: expected a multiple of train.minibatch_prompts=32, found 100"),
     (["rollout.max_response_len=1024"], r"algo.overlong_buffer: expected < rollout.max_response_len=1024, found 4096"),
     (["log.run_name=a/b"], r"log.run_name: expected a non-empty name without '/', found 'a/b'"),
+    # memory knobs: a combination megatron would reject, or a knob the chosen mode would not read
+    (["parallel.sequence_parallel=true"], r"parallel.sequence_parallel: expected false with parallel.tp=1"),
+    (["model.recompute=partial"], r"model.recompute: expected one of \['none', 'selective', 'full'\]"),
+    (["model.recompute_num_layers=2"], r"model.recompute_num_layers: expected to be left unset \(it is read only "
+                                       r"with model.recompute='full', this config has 'none'\), found 2"),
+    (["model.recompute=selective", "model.recompute_method=block"], r"model.recompute_method: expected to be left unset"),
+    (["model.recompute=full", "model.recompute_modules=mlp"], r"model.recompute_modules: expected to be left unset "
+                                                             r"\(it is read only with model.recompute='selective'"),
+    (["model.recompute=full", "model.recompute_num_layers=0"], r"model.recompute_num_layers: expected > 0, found 0"),
+    (["model.recompute=selective", "model.recompute_modules="], r"model.recompute_modules: expected at least one of"),
+    (["model.recompute=selective", "model.recompute_modules=attn"], r"model.recompute_modules\[0\]: expected one of "
+                                                                   r"\['core_attn', 'mlp', 'layernorm'\], found 'attn'"),
+    (["model.recompute=selective", "model.recompute_modules=mlp,mlp"], r"model.recompute_modules: expected no repeated"),
+    (["model.recompute=selective", "model.recompute_modules=layernorm"],
+     r"model.recompute_modules: expected no 'layernorm' with model.transformer_impl='local'"),
+    (["model.recompute_method=diagonal"], r"model.recompute_method: expected one of \['uniform', 'block'\]"),
+    (["model.head_chunk_tokens=-1"], r"model.head_chunk_tokens: expected >= 0, found -1"),
+    (["optim.overlap_param_gather=true"], r"optim.overlap_param_gather: expected false unless "
+                                          r"optim.distributed_optimizer=true"),
+    (["optim.overlap_param_gather=true", "optim.distributed_optimizer=true"],
+     r"optim.overlap_param_gather: expected false unless optim.overlap_grad_reduce=true"),
+    (["optim.cpu_offload=true"], r"optim.cpu_offload: expected false unless optim.distributed_optimizer=true"),
+    (["optim.grad_reduce_in_fp32=false", "model.dtype=float32"],
+     r"optim.grad_reduce_in_fp32: expected true with model.dtype='float32'"),
+    (["optim.distributed_optimizer=sometimes"], r"optim.distributed_optimizer: expected a bool"),
     # bad override syntax
     (["optim.lr"], r"override 'optim.lr': expected section.key=value \(e.g. optim.lr=1e-6\), found no '='"),
     (["lr=1e-6"], r"override 'lr=1e-6': expected a key of the form section.key .* found 'lr'"),
@@ -126,6 +151,19 @@ def test_post_init_validates_direct_construction():
     with pytest.raises(ConfigError, match=r"parallel.seed: expected an integer, found 'x' \(str\)"):
         Config(parallel=ParallelConfig(seed="x"))  # a field ParallelConfig leaves unchecked
     assert OptimConfig(lr=1).lr == 1.0 and isinstance(OptimConfig(lr=1).lr, float)
+
+
+def test_memory_knobs_load_and_reach_the_build_options():
+    c = load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true", "model.recompute=full",
+                           "model.recompute_method=block", "model.recompute_num_layers=3",
+                           "optim.distributed_optimizer=true", "optim.overlap_grad_reduce=true",
+                           "optim.overlap_param_gather=true", "optim.grad_reduce_in_fp32=false"])
+    assert c.parallel.sequence_parallel and c.optim.overlap_param_gather and not c.optim.grad_reduce_in_fp32
+    assert c.model.build_options() == {"recompute_granularity": "full", "recompute_method": "block",
+                                       "recompute_num_layers": 3}
+    sel = load_config(None, ["model.recompute=selective", "model.recompute_modules=core_attn,mlp"])
+    assert sel.model.build_options() == {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "mlp"]}
+    assert load_config(None).model.build_options() == {} and load_config(None).model.head_chunk_tokens == 0
 
 
 @pytest.mark.parametrize("name", ["tiny_cpu", "qwen3_8b", "qwen3_14b", "qwen3_32b"])
