@@ -225,3 +225,39 @@ def _require_te(what: str) -> None:
     except ImportError as exc:
         raise ValueError(f"{what} needs transformer-engine, which is not installed "
                          "(pip install 'megafork[te]' on a GPU machine)") from exc
+
+
+def init_fake_layout(cfg: ParallelConfig, rank: int) -> ParallelGroups:
+    """Megatron's parallel state for one rank of a `tp*pp*cp` world, on torch's fake process group.
+
+    No other process exists and no collective runs: the fake backend answers every call at once.
+    It is for building a rank's model (e.g. on the meta device) to read its layout and shapes,
+    as `megafork plan` does; tear down with `destroy_distributed()`.
+
+    Args:
+        cfg: the layout (data parallel size 1).
+        rank: the global rank to impersonate, in megatron's order (tp fastest, then cp, dp, pp).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    world = cfg.tp * cfg.pp * cfg.cp
+    if not 0 <= rank < world:
+        raise ValueError(f"rank: expected 0 <= rank < tp*pp*cp = {world}, found {rank}")
+    destroy_distributed()
+    if not torch.cuda.is_available():
+        apply_cpu_patches()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.tp, pipeline_model_parallel_size=cfg.pp,
+                                             context_parallel_size=cfg.cp, create_gloo_process_groups=False)
+    ps = parallel_state
+    return ParallelGroups(
+        tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+        dp=ps.get_data_parallel_group(), cp=ps.get_context_parallel_group(),
+        dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
+        embd=ps.get_embedding_group(check_initialized=False),
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(), rank=rank, world_size=world,
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=cfg.tp, pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_size=cfg.pp, dp_rank=0, dp_size=1, cp_rank=ps.get_context_parallel_rank(), cp_size=cfg.cp,
+        device=torch.device("meta"))

@@ -103,7 +103,7 @@ def _flat_hidden(hidden: torch.Tensor, model, tp_group) -> torch.Tensor:
     with `tensor_parallel_output_grad=False`: the fused head already sums the hidden gradient over
     TP, so the backward keeps this rank's slice instead of reduce-scattering a summed gradient.
     """
-    if model.config.sequence_parallel:
+    if getattr(getattr(model, "config", None), "sequence_parallel", False):
         from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=tp_group)

@@ -65,8 +65,12 @@ def build_policy(hf_dir, groups, model_cfg, optim_cfg, sequence_parallel: bool =
 
 
 def update_once(policy: Policy, groups, trajs, ratio: float = 0.5, micro_batch_size: int = 2,
-                pad_multiple: int = 1) -> dict:
+                pad_multiple: int = 1, microbatches_out: list | None = None) -> dict:
     """Old pass, step-scope top-ρ selection and one mini-batch update over `trajs` (this rank's share).
+
+    Args:
+        microbatches_out: if given, the micro-batches used (with old log-probs and fork masks) are
+            appended to it.
 
     Returns:
         The loss sums of `megafork.train.update.train_minibatches`; DDP's main_grad keeps the
@@ -82,5 +86,7 @@ def update_once(policy: Policy, groups, trajs, ratio: float = 0.5, micro_batch_s
     span = [list(range(len(mbs)))]
     old_pass(policy.chunks, mbs, groups, policy.vocab_size, temperature=1.0, chunk_size=None)
     select(mbs, ForkingConfig(ratio=ratio), span, groups, seed=0)
+    if microbatches_out is not None:
+        microbatches_out.extend(mbs)
     return train_minibatches(policy.chunks, policy.optimizer, mbs, span, PolicyLossConfig(), groups,
                              policy.vocab_size)
