@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "serve": ("megafork.rollout.server", "SGLang-protocol HTTP server for the embedded engine"),
     "convert": ("megafork.models.qwen3.cli", "HF <-> Megatron checkpoint conversion"),
     "analyze": ("megafork.analysis.cli", "entropy statistics and forking-token tables of a run"),
+    "plan": ("megafork.plan.cli", "per-GPU memory of a config on every pipeline stage (fits 80 GB?)"),
 }
 
 

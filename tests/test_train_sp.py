@@ -5,10 +5,10 @@
 On two gloo ranks, megafork's Qwen3 (local spec, fp32; megatron's torch norm under SP through
 `megafork.compat`) runs the trainer's old pass, top-50% selection and `train_minibatches` with
 megatron DDP + Adam, at TP=1 (DP=2), TP=2 and TP=2 with SP. Micro-batches are padded to a
-multiple of TP under SP. For each layout the summed loss and every gradient in main_grad
-(exported under HF names, the RMSNorm weights of every layer, q/k norms and the final norm
-included) must equal d/dθ [Σ DAPO token loss / response tokens] of a float64 transformers model
-on the same micro-batches; SP must also equal TP=2 without SP after the Adam step.
+multiple of TP under SP. For each layout the summed loss and every gradient in main_grad after
+the update (exported under HF names, the RMSNorm weights of every layer, q/k norms and the final
+norm included) must equal d/dθ [Σ DAPO token loss / response tokens] of a float64 transformers
+model on the same micro-batches; SP must also equal TP=2 without SP after the Adam step.
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ def test_sequence_parallel_equals_tp1_and_float64(tmp_path):
         for name, g in r0["grads"].items():
             err = float((g.double() - want[name]).abs().max() / want[name].abs().max())
             assert err < 1e-5, f"{where}: grad {name} relative error {err:.2e}"
+    # The Adam step itself: SP moves every weight as TP=2 without SP does. (Across TP sizes Adam's
+    # g/sqrt(v) amplifies fp32 rounding of near-zero gradients; the gradients are compared above.)
     for name, p in ranks[0][(2, False)]["params"].items():
         torch.testing.assert_close(ranks[0][(2, True)]["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)
-        torch.testing.assert_close(ranks[0][(1, False)]["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)

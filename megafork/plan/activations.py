@@ -155,8 +155,8 @@ def stage_bytes(ls: LayerShape, b: int, s: int, layers: int, first_stage: bool, 
 def recompute_workspace_bytes(ls: LayerShape, b: int, s: int, layers: int, recompute: str, method: str = "uniform",
                               num_layers: int = 1, modules: tuple[str, ...] = ()) -> float:
     """Extra bytes while one recompute unit replays its forward in the backward (one at a time)."""
-    if recompute == "full":
-        return min(num_layers, layers) * layer_bytes(ls, b, s)
+    if recompute == "full":  # a uniform chunk replays N layers; block replays one layer at a time
+        return (min(num_layers, layers) if method == "uniform" else 1) * layer_bytes(ls, b, s)
     if recompute == "selective":
         return layer_bytes(ls, b, s) - layer_bytes(ls, b, s, "selective", modules)
     return 0.0
