@@ -77,7 +77,7 @@ def test_activation_bytes_match_saved_tensors(tmp_path):
     hf_dir = make_tiny_qwen3(tmp_path / "hf", seed=1, num_hidden_layers=3)
     hf = read_hf_config(hf_dir)
     rows = run_ranks(_worker, 2, args=(str(hf_dir),), timeout=300)[0]
-    print(f"\n| TP | SP | recompute | measured (KiB) | planner (KiB) | planner / measured |\n|---|---|---|---|---|---|")
+    print("\n| TP | SP | recompute | measured (KiB) | planner (KiB) | planner / measured |\n|---|---|---|---|---|---|")
     bad = []
     for r in rows:
         want = predicted(hf, r["tp"], r["sp"], r["kw"])
