@@ -94,3 +94,11 @@ def test_distributed_optimizer_matches_plain_and_resumes_bit_exact(tmp_path):
     # DP replicas agree.
     for n, p in ranks[0]["resumed"].items():
         assert torch.equal(ranks[1]["resumed"][n], p), n
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only error")
+def test_cpu_offload_is_a_clear_not_available_error_on_cpu():
+    from megafork.train.optim import _check_cpu_offload_available
+
+    with pytest.raises(ValueError, match=r"optim.cpu_offload: not available on a CPU-only torch"):
+        _check_cpu_offload_available()
