@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 DEVICE  ?= cuda
 GPU_PY  ?= python3
 
-.PHONY: setup test demo bench lint clean gpu-wheels gpu-check
+.PHONY: setup test demo bench lint clean gpu-wheels gpu-check sglang-contract
 
 setup: $(STAMP)
 
@@ -27,6 +27,23 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp)
 
 test: setup
 	$(VPY) -m pytest tests --durations=15 $(PYTEST_ARGS)
+
+# SGLang 0.5.23's own server-side code against megafork's client, sender and server, on CPU.
+# The wheel goes --no-deps into its own folder (never into .venv: it pins a CUDA torch), with the
+# small pieces it imports; the venv's CPU torch is reused through PYTHONPATH. Cached by a stamp.
+# Not part of `make test` (the first install alone takes minutes); .ci/run runs it as its own step.
+SGL_DIR   := .sglang-contract
+SGL_STAMP := $(SGL_DIR)/.stamp
+SGL_REQ   := contract/sglang/requirements.txt
+
+$(SGL_STAMP): $(SGL_REQ) | $(STAMP)
+	rm -rf $(SGL_DIR)/site
+	$(VPY) -m pip install -q --no-deps --target $(SGL_DIR)/site -r $(SGL_REQ)
+	touch $(SGL_STAMP)
+
+sglang-contract: setup $(SGL_STAMP)
+	SGLANG_CONTRACT_SITE=$(SGL_DIR)/site $(VPY) tools/gen_sglang_fields.py --sglang-dir $(SGL_DIR)/site/sglang --check
+	SGLANG_CONTRACT_SITE=$(SGL_DIR)/site $(VPY) -m pytest contract/sglang -q -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: setup
 	$(VPY) -m megafork.demo
@@ -48,7 +65,7 @@ gpu-check:
 endif
 
 lint: setup
-	$(VENV)/bin/ruff check megafork tests bench tools examples
+	$(VENV)/bin/ruff check megafork tests bench tools examples contract
 
 clean:
-	rm -rf build *.egg-info megafork/*.so runs
+	rm -rf build *.egg-info megafork/*.so runs $(SGL_DIR)

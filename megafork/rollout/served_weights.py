@@ -3,7 +3,8 @@
     before = served_weights("http://10.0.0.5:30000")          # ServedWeights(version="4", checksums={...})
     diff = before.differs_from(trainer_sums)                  # names whose bytes differ
 
-SGLang reports `weight_version` in `/get_model_info` ("default" until an update sets it).
+SGLang reports `weight_version` in `/model_info` ("default" until an update sets it; the
+pre-0.5.23 name `/get_model_info` is used on a 404).
 `megafork serve` also answers `/get_weights_checksum` (sha256 per weight in the server's dtype);
 a server without it (real SGLang) is compared by version alone.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from megafork.rollout.buckets import dtype_from_name, tensor_checksum
-from megafork.rollout.httpjson import check_ok, request_json
+from megafork.rollout.httpjson import get_info, request_json
 
 #: The version SGLang (and `megafork serve`) report before any weight update.
 INITIAL_VERSION = "default"
@@ -45,13 +46,12 @@ class ServedWeights:
 
 
 def served_weights(url: str, timeout_s: float = 600.0) -> ServedWeights:
-    """Ask one server which weights it serves (`/get_weights_checksum`, else `/get_model_info`)."""
+    """Ask one server which weights it serves (`/get_weights_checksum`, else `/model_info`)."""
     status, body = request_json(url, "/get_weights_checksum", timeout_s=timeout_s)
     if status == 200 and isinstance(body, dict) and isinstance(body.get("checksums"), dict):
         return ServedWeights(url, _version(body), dict(body["checksums"]),
                              dtype_from_name(body.get("dtype"), f"{url}/get_weights_checksum dtype"))
-    info = check_ok(url, "/get_model_info", *request_json(url, "/get_model_info", timeout_s=timeout_s))
-    return ServedWeights(url, _version(info) if isinstance(info, dict) else None)
+    return ServedWeights(url, _version(get_info(url, "model_info", timeout_s)))
 
 
 def _version(body: dict) -> str | None:

@@ -144,7 +144,8 @@ class HttpWeightSender:
     def connect(self) -> None:
         """Create the weight-update group: trainer rank 0 plus every server's ranks."""
         cfg = self.config
-        infos = [get_info(url, "server_info", cfg.timeout_s) for url in self.urls]
+        need_info = cfg.verify_checksums or self.engine_ranks is None
+        infos = [get_info(url, "server_info", cfg.timeout_s) for url in self.urls] if need_info else []
         if cfg.verify_checksums:
             # Probe before anything is sent: SGLang silently drops `return_checksums`, which
             # would only show after the first bucket had been loaded.
