@@ -14,6 +14,12 @@ the same attribute names): `tokens`, `position_ids`, `labels`, `response_mask`,
 `old_logprobs`, `advantages`, unless the scope is local `fork_mask` (e.g. from
 `megafork.forking.select_forking_tokens` over the old pass's entropies) and, with a rollout
 correction, `rollout_logprobs` (the engine's log-probs; `megafork.algo.rollout_correction`).
+A packed micro-batch (`megafork.train.batch.pack_row`: several sequences in one `[1, S]` row,
+no padding between them) also carries `cu_seqlens`, the int32 segment offsets; the forward
+step then passes it to the model, which attends within each sequence only (THD with the TE
+spec, a block-diagonal mask with the local spec) and restarts RoPE per sequence. The loss needs
+nothing else: labels and masks are per token, so the packed row gives the unpacked log-probs,
+loss and gradients.
 
 The model must return the final hidden states on the last stage when called with
 `return_hidden=True` and expose its LM-head weight shard as `output_weight()`;
@@ -111,7 +117,10 @@ def _flat_hidden(hidden: torch.Tensor, model, tp_group) -> torch.Tensor:
 
 
 def _forward(batch, model):
-    return model(batch.tokens, batch.position_ids, None, return_hidden=True)
+    cu = getattr(batch, "cu_seqlens", None)
+    if cu is None:  # padded rows: megatron's own causal mask
+        return model(batch.tokens, batch.position_ids, None, return_hidden=True)
+    return model(batch.tokens, batch.position_ids, None, return_hidden=True, cu_seqlens=cu)
 
 
 def policy_forward_step(cfg: PolicyLossConfig, tp_group: dist.ProcessGroup | None, vocab_size: int):

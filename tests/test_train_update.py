@@ -27,7 +27,8 @@ from megafork.algo.loss import dapo_policy_loss
 from megafork.testing import run_ranks
 from megafork.testing.tiny_qwen3 import make_tiny_qwen3
 from megafork.train.batch import Trajectory, pack_microbatches
-from megafork.train.shard import pack_minibatches, split_for_dp
+from megafork.train.packing import PackingSpec, pack_minibatches
+from megafork.train.shard import split_for_dp
 
 N, GROUPS, RATIO = 2, 4, 0.2  # responses per prompt, prompts in the step, forking ratio
 CLIP = dict(clip_low=0.2, clip_high=0.28, clip_ratio_c=10.0)
@@ -76,7 +77,7 @@ def _update_worker(rank, world, hf_dir):
     # Two mini-batches of two prompts; each rank takes one prompt (2 responses) of each, one
     # response per micro-batch: 4 micro-batches per rank.
     shares = split_for_dp(_trajectories(), N, minibatch_prompts=2, dp_size=groups.dp_size)
-    mbs, spans = pack_minibatches(shares[groups.dp_rank], micro_batch_size=1, pad_id=0)
+    mbs, spans = pack_minibatches(shares[groups.dp_rank], PackingSpec(micro_batch_size=1))
     old_pass(chunks, mbs, groups, hf.vocab_size, temperature=1.0, chunk_size=None)
     out = {"spans": spans, "entropy": _masks(mbs, "entropy"), "response": _masks(mbs, "response_mask"),
            "select": {}}
@@ -295,7 +296,7 @@ def test_split_for_dp_with_fewer_groups_than_dp_ranks_trains_on_nothing():
     assert shares == [[trajs[:N]], [trajs[N:2 * N]]]
     lone = split_for_dp(trajs[:N], N, minibatch_prompts=2, dp_size=2)
     for share in lone:
-        assert pack_minibatches(share, micro_batch_size=2, pad_id=0) == ([], [])
+        assert pack_minibatches(share, PackingSpec(micro_batch_size=2)) == ([], [])
 
 
 def _cfg(**train):

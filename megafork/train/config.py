@@ -233,7 +233,14 @@ class TrainConfig:
         steps: RL steps (one step = one rollout batch and its updates).
         prompts_per_step: prompts whose groups make one step's batch (paper: 512).
         minibatch_prompts: prompts per optimizer update (paper: 32, i.e. 16 updates per step).
-        micro_batch_size: sequences per forward/backward micro-batch (per DP rank).
+        micro_batch_size: sequences per forward/backward micro-batch (per DP rank), padded rows.
+        max_tokens_per_microbatch: token budget of a packed micro-batch (0 = off). When > 0 it
+            replaces `micro_batch_size`: each mini-batch's sequences on a rank are bin-packed
+            (first-fit decreasing) into single rows without padding; a longer sequence gets its own.
+        dp_balance: how each mini-batch is spread over DP ranks: "off" (contiguous groups),
+            "kk" (Karmarkar–Karp) or "lpt" over the sequences' estimated cost.
+        balance_quadratic: b in the cost L + b·L² of a sequence of L tokens (0 = tokens; about
+            1 / (6·hidden) weighs attention's quadratic term against the linear layers).
         pad_multiple: pad each micro-batch's length up to a multiple of this (0 = auto: 128 on
             GPU, where a few distinct lengths keep the caching allocator from fragmenting, 1 on CPU).
         save_every: checkpoint every this many steps (0 = only at the end).
@@ -251,6 +258,9 @@ class TrainConfig:
     minibatch_prompts: int = 32
     micro_batch_size: int = 4
     pad_multiple: int = 0
+    max_tokens_per_microbatch: int = 0
+    dp_balance: Literal["off", "kk", "lpt"] = "off"
+    balance_quadratic: float = 0.0
     save_every: int = 20
     resume: str = "auto"
     extend_steps: bool = False
@@ -260,7 +270,8 @@ class TrainConfig:
     def __post_init__(self):
         _check_types(self, "train")
         _positive(self, "train", "steps", "prompts_per_step", "minibatch_prompts", "micro_batch_size")
-        _positive(self, "train", "save_every", "seed", "keep_last", "pad_multiple", allow_zero=True)
+        _positive(self, "train", "save_every", "seed", "keep_last", "pad_multiple", "max_tokens_per_microbatch",
+                  "balance_quadratic", allow_zero=True)
         _require(self.prompts_per_step % self.minibatch_prompts == 0, "train.prompts_per_step",
                  f"a multiple of train.minibatch_prompts={self.minibatch_prompts}", self.prompts_per_step)
         _require(bool(self.resume), "train.resume", "'auto', 'none' or a checkpoint path", self.resume)
@@ -354,6 +365,15 @@ class Config:
         if not self.optim.grad_reduce_in_fp32:
             _require(self.model.dtype != "float32", "optim.grad_reduce_in_fp32",
                      "true with model.dtype='float32' (false only changes bf16/fp16 gradient buffers)", False)
+        budget = self.train.max_tokens_per_microbatch
+        if budget:
+            _require(self.parallel.cp == 1, "train.max_tokens_per_microbatch",
+                     f"0 with parallel.cp={self.parallel.cp} (packed rows are not split over context-parallel "
+                     "ranks)", budget)
+            multiple = self.parallel.tp if self.parallel.sequence_parallel else 1
+            _require(budget >= multiple, "train.max_tokens_per_microbatch",
+                     f">= parallel.tp={multiple} (sequence parallelism pads each packed row to a multiple of TP)",
+                     budget)
         if self.algo.overlong_shaping:
             _require(self.algo.overlong_buffer < self.rollout.max_response_len, "algo.overlong_buffer",
                      f"< rollout.max_response_len={self.rollout.max_response_len}", self.algo.overlong_buffer)

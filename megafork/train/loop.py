@@ -4,7 +4,8 @@
     megafork train --config examples/configs/tiny_cpu.yaml train.steps=4     # one process
 
 Per step: rank 0 generates and verifies (dynamic sampling, GRPO advantages) -> every rank takes
-its DP share -> no-grad old pass (fused head: old log-probs + entropy) -> forking selection over
+its DP share (balanced by cost when train.dp_balance is on) and packs it into micro-batches
+(token budget or padded rows, the same count on every DP rank) -> no-grad old pass (fused head: old log-probs + entropy) -> forking selection over
 the scope -> mini-batch updates through megatron's forward_backward_func -> weight sync to the
 engine -> metrics, evaluation, checkpoint.
 """
@@ -20,9 +21,10 @@ from megafork.train import checkpoint
 from megafork.train.control import ControlPlane
 from megafork.train.engine_start import sync_engine_at_start
 from megafork.train.metrics import MetricsLogger, RunClock, Timer, eval_progress
+from megafork.train.packing import pack_minibatches
 from megafork.train.rollout_phase import collect_rollouts, evaluate
 from megafork.train.setup import build_run
-from megafork.train.shard import pack_minibatches, split_for_dp
+from megafork.train.shard import split_for_dp
 from megafork.train.step_metrics import dump_entropy, step_metrics
 from megafork.train.update import old_pass, select, train_minibatches
 
@@ -52,11 +54,12 @@ def train(cfg) -> dict:
             if groups.rank == 0:
                 trajs, rstats = collect_rollouts(run.engine, run.dataset, run.sampler, run.tokenizer,
                                                  run.reward_fn, cfg, step)
-                shares = split_for_dp(trajs, cfg.algo.n, cfg.train.minibatch_prompts, groups.dp_size)
+                shares = split_for_dp(trajs, cfg.algo.n, cfg.train.minibatch_prompts, groups.dp_size,
+                                      cfg.train.dp_balance, cfg.train.balance_quadratic)
             (rstats, sampler_state), my_share = control.distribute((rstats, run.sampler.state_dict()), shares)
             run.sampler.load_state_dict(sampler_state)
-        mbs, minis = pack_minibatches(my_share, cfg.train.micro_batch_size, pad_id=_pad_id(run),
-                                      pad_multiple=run.pad_multiple)  # host tensors; moved one at a time
+        # host tensors; moved to the device one at a time
+        mbs, minis = pack_minibatches(my_share, run.packing, groups.dp, groups.device)
         threshold, sums = math.nan, {}
         if mbs:
             with timer("old_pass"):
@@ -102,11 +105,6 @@ def _sync(run, step: int) -> None:
     from megafork.rollout import sync_weights
 
     sync_weights(run.sender, export_hf_tensors(run.unwrapped, run.groups), weight_version=str(step + 1))
-
-
-def _pad_id(run) -> int:
-    pad = getattr(run.tokenizer, "pad_token_id", None)
-    return int(pad) if pad is not None else 0
 
 
 def _due(every: int, step: int, steps: int) -> bool:

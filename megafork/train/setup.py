@@ -16,6 +16,7 @@ from megafork.models.qwen3.checkpoint import build_from_megatron_checkpoint
 from megafork.pipeline import PolicyLossConfig
 from megafork.rewards import get_reward
 from megafork.train.optim import build_optimizer, enable_per_token_loss, wrap_ddp
+from megafork.train.packing import PackingSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Run:
     eval_dataset: PromptDataset | None
     sampler: PromptSampler
     reward_fn: object
+    packing: PackingSpec = None  # micro-batch layout (token budget or padded rows)
     engine: object = None   # rank 0 only
     sender: object = None   # rank 0 only
     pad_multiple: int = 1   # micro-batch lengths are rounded up to a multiple of this
@@ -94,7 +96,7 @@ def build_run(cfg, groups) -> Run:
     run = Run(cfg=cfg, groups=groups, model=chunks, optimizer=optimizer, scheduler=scheduler,
               vocab_size=hf.vocab_size, loss_cfg=loss_cfg, tokenizer=tokenizer, dataset=dataset,
               eval_dataset=eval_dataset, sampler=sampler, reward_fn=get_reward(cfg.data.reward),
-              engine=engine, sender=sender,
+              packing=packing_spec(cfg, groups, tokenizer), engine=engine, sender=sender,
               pad_multiple=sp_pad_multiple(Run.resolve_pad_multiple(cfg.train.pad_multiple, groups.device), cfg, groups))
     return run
 
@@ -106,6 +108,26 @@ def sp_pad_multiple(pad_multiple: int, cfg, groups) -> int:
     context and they carry no label.
     """
     return math.lcm(pad_multiple, groups.tp_size) if cfg.parallel.sequence_parallel else pad_multiple
+
+
+def packing_spec(cfg, groups, tokenizer) -> PackingSpec:
+    """The micro-batch layout of the run; says so at start-up when a token budget replaces the rows."""
+    t = cfg.train
+    pad = getattr(tokenizer, "pad_token_id", None)
+    # train.pad_multiple (allocator-friendly lengths on GPU) and, under sequence parallelism, TP:
+    # the sequence is split over TP ranks, so a row's length must divide by TP.
+    multiple = sp_pad_multiple(Run.resolve_pad_multiple(t.pad_multiple, groups.device), cfg, groups)
+    spec = PackingSpec(max_tokens=t.max_tokens_per_microbatch, micro_batch_size=t.micro_batch_size,
+                       pad_id=int(pad) if pad is not None else 0, multiple=multiple)
+    if spec.max_tokens and groups.rank == 0:
+        log.info("train.max_tokens_per_microbatch=%d replaces train.micro_batch_size=%d: sequences are packed "
+                 "without padding into rows of at most %d tokens (%s attention)", spec.max_tokens,
+                 t.micro_batch_size, spec.max_tokens,
+                 "THD" if cfg.model.transformer_impl == "transformer_engine" else "block-diagonal mask")
+    if t.dp_balance != "off" and groups.rank == 0:
+        log.info("train.dp_balance=%s: each mini-batch's sequences go to DP ranks by cost L + %g*L^2",
+                 t.dp_balance, t.balance_quadratic)
+    return spec
 
 
 def _build_engine(cfg):

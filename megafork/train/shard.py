@@ -1,10 +1,11 @@
-"""Split a step's trajectories over DP ranks and mini-batches, and pack them into micro-batches."""
+"""Split a step's trajectories over DP ranks and mini-batches (packing: `megafork.train.packing`)."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from megafork.train.batch import MicroBatch, Trajectory, pack_microbatches
+from megafork.train.balance import balance_partition, sequence_cost
+from megafork.train.batch import MicroBatch, Trajectory, seq_len
 from megafork.train.wire import from_wire, to_wire
 
 
@@ -15,14 +16,25 @@ def broadcast_from(obj, src: int):
     return box[0]
 
 
-def split_for_dp(trajs: list[Trajectory], n: int, minibatch_prompts: int, dp_size: int) -> list[list[list[Trajectory]]]:
+def split_for_dp(trajs: list[Trajectory], n: int, minibatch_prompts: int, dp_size: int,
+                 balance: str = "off", quadratic: float = 0.0) -> list[list[list[Trajectory]]]:
     """Per DP rank, per optimizer mini-batch, the trajectories that rank trains on.
 
     Groups (n consecutive trajectories) are cut into mini-batches of `minibatch_prompts`
-    groups; each DP rank takes a contiguous 1/dp of every mini-batch. When dynamic sampling came
-    up short, the group count is rounded down to a multiple of `dp_size` so every rank runs
-    the same number of micro-batches (the collectives need it); with fewer than `dp_size`
-    groups every rank gets nothing and the step trains on nothing.
+    groups. With `balance="off"` each DP rank takes a contiguous 1/dp of every mini-batch's
+    groups; with "kk" or "lpt" the mini-batch's sequences are spread over the ranks to balance
+    their estimated cost L + quadratic·L² (`megafork.train.balance`), a group's responses possibly
+    on several ranks (advantages are already computed). When dynamic sampling came up short, the
+    group count is rounded down to a multiple of `dp_size`; with fewer than `dp_size` groups every
+    rank gets nothing and the step trains on nothing.
+
+    Args:
+        trajs: the step's trajectories, group by group.
+        n: responses per group.
+        minibatch_prompts: groups per optimizer mini-batch.
+        dp_size: data-parallel ranks.
+        balance: "off", "kk" (Karmarkar–Karp) or "lpt".
+        quadratic: the L² weight of the cost (0: tokens).
     """
     if len(trajs) % n:
         raise ValueError(f"split_for_dp: expected whole groups of algo.n={n} trajectories, found {len(trajs)} "
@@ -32,6 +44,12 @@ def split_for_dp(trajs: list[Trajectory], n: int, minibatch_prompts: int, dp_siz
     out: list[list[list[Trajectory]]] = [[] for _ in range(dp_size)]
     for start in range(0, len(groups), minibatch_prompts):
         mini = groups[start:start + minibatch_prompts]
+        if balance != "off":
+            flat = [t for g in mini for t in g]
+            parts = balance_partition([sequence_cost(seq_len(t), quadratic) for t in flat], dp_size, balance)
+            for r, part in enumerate(parts):
+                out[r].append([flat[i] for i in part])
+            continue
         per_rank = len(mini) // dp_size
         for r in range(dp_size):
             out[r].append([t for g in mini[r * per_rank:(r + 1) * per_rank] for t in g])
@@ -59,22 +77,6 @@ def scatter_step(payload, shares: list | None, dp_rank_of: list[int]):
     dist.scatter_object_list(box, outgoing, src=0)
     payload, wire = box[0]
     return payload, from_wire(wire)
-
-
-def pack_minibatches(minis: list[list[Trajectory]], micro_batch_size: int, pad_id: int, pad_multiple: int = 1
-                     ) -> tuple[list[MicroBatch], list[list[int]]]:
-    """Pack each mini-batch's trajectories into micro-batches (lengths rounded up to `pad_multiple`).
-
-    Returns:
-        (all micro-batches, the indices of each mini-batch's micro-batches).
-    """
-    microbatches: list[MicroBatch] = []
-    spans: list[list[int]] = []
-    for mine in minis:
-        packed = pack_microbatches(mine, micro_batch_size, pad_id, pad_multiple) if mine else []
-        spans.append(list(range(len(microbatches), len(microbatches) + len(packed))))
-        microbatches += packed
-    return microbatches, [s for s in spans if s]
 
 
 def response_tokens(microbatches: list[MicroBatch], field: str) -> torch.Tensor:

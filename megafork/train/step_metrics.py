@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megafork.algo.rollout_correction import correction_metrics, correction_sums, rollout_correction
 from megafork.analysis.io import write_entropy_dump
 from megafork.forking import topk_threshold
+from megafork.train.packing import layout_stats
 from megafork.train.shard import broadcast_from, response_tokens
 from megafork.train.update import reduce_sums
 
@@ -35,6 +36,7 @@ def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, time
         token_stats = {**_token_stats(mbs, sums, g), **_correction_stats(mbs, run.loss_cfg, g),
                        "entropy_threshold": threshold}
     token_stats = broadcast_from(token_stats, src=reporter_rank(g))
+    layout = layout_stats(mbs, g.dp, g.device)  # every stage holds the same micro-batches
     lr = float(run.optimizer.param_groups[0]["lr"])
     seconds = timer.as_metrics()
     total_s = sum(seconds.values()) or math.nan
@@ -46,6 +48,7 @@ def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, time
         "sampling_rounds": rstats.rounds, "lr": lr,
         **rstats.extra,
         **token_stats,
+        **layout,
         **seconds,
     }
     m["tokens_per_second"] = token_stats.get("tokens", 0.0) / total_s if total_s == total_s else math.nan
@@ -124,16 +127,18 @@ def dump_entropy(run, run_dir, step: int, mbs, threshold: float) -> None:
     if not (g.is_last_stage and g.tp_rank == 0 and g.dp_rank == 0 and g.cp_rank == 0) or not mbs:
         return
     ids, ent, sel, resp_idx, pos = [], [], [], [], []
-    row0 = 0
+    seq0 = 0
     for mb in mbs:
-        rows, cols = mb.response_mask.nonzero(as_tuple=True)
+        rows, cols, seq = mb.response_ids()  # one index per sequence, padded or packed
         ids.append(mb.labels[rows, cols])
         ent.append(mb.entropy[rows, cols].cpu())
         fork = mb.fork_mask if mb.fork_mask is not None else torch.zeros_like(mb.response_mask)
         sel.append(fork[rows, cols].cpu())
-        resp_idx.append(rows + row0)
-        first = mb.response_mask.float().argmax(dim=1)
-        pos.append(cols - first[rows])
-        row0 += mb.tokens.shape[0]
+        n_seq = int(seq.max()) + 1 if seq.numel() else 0
+        first = torch.full((n_seq,), mb.tokens.shape[1], dtype=cols.dtype, device=cols.device)
+        first = first.scatter_reduce(0, seq, cols, reduce="amin")
+        resp_idx.append(seq + seq0)
+        pos.append(cols - first[seq])
+        seq0 += n_seq
     write_entropy_dump(run_dir, step + 1, torch.cat(ids), torch.cat(ent).float(), torch.cat(sel),
                        torch.cat(resp_idx), torch.cat(pos), run.cfg.forking.ratio, threshold)

@@ -25,6 +25,7 @@ from megafork.models.qwen3.config import (
     te_available,
     to_transformer_config,
 )
+from megafork.models.qwen3.packed import block_causal_mask, rope_at_positions, thd_params
 
 
 class Qwen3GPTModel(GPTModel):
@@ -33,12 +34,14 @@ class Qwen3GPTModel(GPTModel):
     Attributes:
         hf_config: the HF config the model was built from.
         vocab_size_unpadded: the HF vocab size (the rest of `vocab_size` is padding rows).
+        packed_format: how packed rows reach attention: "thd" (TE spec) or "mask" (local spec).
     """
 
     hf_config: Qwen3HFConfig
     vocab_size_unpadded: int
 
-    def forward(self, input_ids, position_ids, attention_mask, *args, return_hidden: bool = False, **kwargs):
+    def forward(self, input_ids, position_ids, attention_mask, *args, return_hidden: bool = False,
+                cu_seqlens: torch.Tensor | None = None, **kwargs):
         """GPTModel.forward; with `return_hidden=True` the last stage returns [s, b, h] hidden states.
 
         Args:
@@ -49,13 +52,38 @@ class Qwen3GPTModel(GPTModel):
             *args: passed to GPTModel.forward.
             return_hidden: on the last stage return the decoder output after the final RMSNorm
                 ([s, b, h], sequence-parallel-scattered when SP is on) instead of logits.
+            cu_seqlens: for a packed row ([1, s] with segments at these int32 offsets): each
+                segment attends only within itself, with RoPE restarting per segment; THD
+                `packed_seq_params` with the TE spec, a block-diagonal causal mask and RoPE at
+                `position_ids` with the local spec (see `megafork.models.qwen3.packed`).
             **kwargs: passed to GPTModel.forward (labels, packed_seq_params, ...).
         """
         self._return_hidden = return_hidden
+        if cu_seqlens is not None:
+            if attention_mask is not None or kwargs.get("packed_seq_params") is not None:
+                raise ValueError("Qwen3GPTModel.forward: expected cu_seqlens alone for a packed row, found it "
+                                 "together with attention_mask or packed_seq_params")
+            if input_ids is not None and input_ids.shape[0] != 1:
+                raise ValueError(f"Qwen3GPTModel.forward: a packed row (cu_seqlens) expected input_ids of shape "
+                                 f"[1, s], found {list(input_ids.shape)}")
+            if getattr(self, "packed_format", "mask") == "thd":
+                kwargs["packed_seq_params"] = thd_params(cu_seqlens)
+            else:
+                attention_mask = block_causal_mask(cu_seqlens, position_ids.shape[1], position_ids.device)
+                self._rope_positions = position_ids
         try:
             return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
         finally:
             self._return_hidden = False
+            self._rope_positions = None
+
+    def _preprocess(self, *args, **kwargs):
+        out = super()._preprocess(*args, **kwargs)
+        # Local spec, packed row: GPTModel's RoPE covers 0..s-1; take it at the restarting positions.
+        positions = getattr(self, "_rope_positions", None)
+        if positions is not None and out[1] is not None:
+            out = (out[0], rope_at_positions(self.rotary_pos_emb, positions), *out[2:])
+        return out
 
     def _postprocess(self, hidden_states, *args, **kwargs):
         # The decoder block of the last stage already applied final_layernorm.
@@ -88,12 +116,15 @@ def layer_spec(hf: Qwen3HFConfig, opts: Qwen3BuildOptions):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    use_te = opts.spec == "te" or (opts.spec == "auto" and te_available())
-    if opts.spec == "te" and not te_available():
-        raise ValueError("model.spec='te' but transformer-engine is not importable")
-    if use_te:
+    if _uses_te(opts):
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
     return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+
+
+def _uses_te(opts: Qwen3BuildOptions) -> bool:
+    if opts.spec == "te" and not te_available():
+        raise ValueError("model.spec='te' but transformer-engine is not importable")
+    return opts.spec == "te" or (opts.spec == "auto" and te_available())
 
 
 def build_qwen3(hf: Qwen3HFConfig, opts: Qwen3BuildOptions, groups, vp_stage: int | None = None,
@@ -136,4 +167,5 @@ def build_qwen3(hf: Qwen3HFConfig, opts: Qwen3BuildOptions, groups, vp_stage: in
     )
     model.hf_config = hf
     model.vocab_size_unpadded = hf.vocab_size
+    model.packed_format = "thd" if _uses_te(opts) else "mask"  # how a packed row reaches attention
     return model.to(device=groups.device)
