@@ -141,7 +141,9 @@ def _layout_worker(rank, world, hf_dir, trajs, tp, pp, layouts):
     return out
 
 
-def _check_layouts(ranks, trajs, refs, want_loss, want_grads, last_stage_ranks):
+def _check_layouts(ranks, trajs, refs, want_loss, want_grads, last_stage_ranks, dp_ranks=None):
+    """`last_stage_ranks` hold per-token results; `dp_ranks`, one per DP replica, the loss sums."""
+    dp_ranks = last_stage_ranks if dp_ranks is None else dp_ranks
     for name in ranks[0]:
         for r in last_stage_ranks:
             for field in ("logprobs", "entropy"):
@@ -149,9 +151,9 @@ def _check_layouts(ranks, trajs, refs, want_loss, want_grads, last_stage_ranks):
                     want = refs[i][field]
                     err = float((got.double() - want).abs().max())
                     assert err < 2e-5, f"{name}: {field} of trajectory {i} on rank {r} off by {err:.2e}"
-        seen = sorted(i for r in last_stage_ranks for i in ranks[r][name]["logprobs"])
+        seen = sorted(i for r in dp_ranks for i in ranks[r][name]["logprobs"])
         assert seen == list(range(len(trajs))), (name, seen)
-        sums = [ranks[r][name]["sums"] for r in last_stage_ranks]
+        sums = [ranks[r][name]["sums"] for r in dp_ranks]
         loss = sum(s["loss_sum"] for s in sums) / sum(s["normalizer"] for s in sums)
         assert abs(loss - want_loss) < 1e-5 * abs(want_loss), (name, loss, want_loss)
         grads = ranks[0][name]["grads"]
@@ -183,15 +185,19 @@ def test_dp2_packed_and_balanced_equal_unpacked_float64(tiny):
     assert kk[0]["n_seq"] != kk[1]["n_seq"], [k["n_seq"] for k in kk]
     assert kk[0]["n_mb"] == kk[1]["n_mb"] and kk[0]["spans"] == kk[1]["spans"]
     assert max(k["empty"] for k in kk) >= 1, [k["empty"] for k in kk]
-    # Balance on or off: the same step (only the summation order moves).
+    # Balance on or off: the same step, to fp32 rounding (only the summation order moves; the
+    # normaliser is the global token count either way).
     for a, b in (("packed", "packed_kk"), ("padded", "padded_lpt")):
         sa, sb = ranks[0][a]["sums"], ranks[0][b]["sums"]
         la = sum(r[a]["sums"]["loss_sum"] for r in ranks)
         lb = sum(r[b]["sums"]["loss_sum"] for r in ranks)
-        assert abs(la - lb) <= 1e-6 * abs(la), (a, b, la, lb)
-        assert abs(sa["grad_norm"] - sb["grad_norm"]) <= 1e-6 * sa["grad_norm"], (a, b)
+        assert sum(r[a]["sums"]["normalizer"] for r in ranks) == sum(r[b]["sums"]["normalizer"] for r in ranks)
+        assert abs(la - lb) <= 4e-6 * abs(la), (a, b, la, lb)
+        assert abs(sa["grad_norm"] - sb["grad_norm"]) <= 4e-6 * sa["grad_norm"], (a, b)
         for pname, g in ranks[0][a]["grads"].items():
-            assert torch.allclose(g, ranks[0][b]["grads"][pname], rtol=1e-5, atol=1e-7), (a, b, pname)
+            other = ranks[0][b]["grads"][pname]
+            err = float((g - other).abs().max() / other.abs().max())
+            assert err < 4e-6, (a, b, pname, err)
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
@@ -203,9 +209,8 @@ def test_packed_equals_unpacked_float64_tp2_pp2(tiny, tp, pp):
                ("packed", PackingSpec(max_tokens=31, multiple=tp), "off")]
     ranks = run_ranks(_layout_worker, 2, args=(tiny, trajs, tp, pp, layouts), timeout=400)
     last = [0, 1] if pp == 1 else [1]
-    _check_layouts(ranks, trajs, refs, want_loss, want_grads, last_stage_ranks=last)
-    if tp == 2:
-        assert any(r["packed"]["n_mb"] for r in ranks)
+    _check_layouts(ranks, trajs, refs, want_loss, want_grads, last_stage_ranks=last, dp_ranks=last[:1])
+    assert all(ranks[0]["packed"]["packed"]) and not any(ranks[0]["padded"]["packed"])
 
 
 # ------------------------------------------------------------------------------------------------
