@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from megafork.rewards import register_reward
@@ -148,10 +149,16 @@ def _loop_worker(rank, world, cfg_dict, interrupt_after):
 _TIMING = ("seconds_", "tokens_per_second")
 
 
-def test_resume_is_bit_exact_at_dp2(tmp_path):
+# Issue 12's layout metrics, in every row.
+LAYOUT_KEYS = {"pad_fraction", "dp_token_imbalance", "microbatches_per_rank", "max_microbatch_tokens"}
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed_balanced"])
+def test_resume_is_bit_exact_at_dp2(tmp_path, packing):
     hf, train, heldout = _write_data(tmp_path)
+    layout = {"max_tokens_per_microbatch": 24, "dp_balance": "kk"} if packing else {}
     common = dict(algo={"n": 4}, data={"reward": "test_has_digit"}, optim={"lr": 1e-2},
-                  train={"steps": 4, "save_every": 2}, eval={"every": 2})
+                  train={"steps": 4, "save_every": 2, **layout}, eval={"every": 2})
     straight = _config(hf, train, heldout, tmp_path / "runs", log={"run_name": "straight"}, **common)
     split = _config(hf, train, heldout, tmp_path / "runs", log={"run_name": "split"}, **common)
     resumed = _config(hf, train, heldout, tmp_path / "runs", log={"run_name": "split"},
@@ -168,6 +175,12 @@ def test_resume_is_bit_exact_at_dp2(tmp_path):
     # The test is only meaningful if the updates move the weights.
     assert any(0.0 < r["accuracy"] < 1.0 for r in a)
     assert all(r["grad_norm"] > 0 and r["loss"] != 0 for r in a), [(r["grad_norm"], r["loss"]) for r in a]
+    for r in a:
+        assert LAYOUT_KEYS <= set(r), sorted(LAYOUT_KEYS - set(r))
+        assert 0.0 <= r["pad_fraction"] < 1.0 and r["dp_token_imbalance"] >= 1.0 and r["microbatches_per_rank"] >= 2
+        if packing:  # rows of at most 24 tokens (every sequence here is shorter), almost no padding
+            assert r["max_microbatch_tokens"] <= 24 and r["pad_fraction"] < 0.05, r
+            assert r["dp_token_imbalance"] < 1.1, r
     for ra, rb in zip(a, b, strict=True):
         assert set(ra) == set(rb)
         for key, value in ra.items():
