@@ -70,7 +70,7 @@ def train(cfg) -> dict:
         run.scheduler.step(increment=1)
         with timer("sync"):
             _sync(run, step)
-        metrics = step_metrics(run, step, mbs, sums, rstats, threshold, timer)
+        metrics = step_metrics(run, step, mbs, sums, rstats, threshold, timer, spans=minis)
         if cfg.log.entropy_dump_every and (step + 1) % cfg.log.entropy_dump_every == 0:
             dump_entropy(run, run_dir, step, mbs, threshold)
         if run.eval_dataset is not None and cfg.eval.every and (step + 1) % cfg.eval.every == 0:

@@ -108,15 +108,26 @@ def pack_minibatches(minis: list[list[Trajectory]], spec: PackingSpec, dp_group=
         (all micro-batches, the indices of each mini-batch's micro-batches). A mini-batch that
         is empty on every DP rank has no micro-batches and no span.
     """
-    per_mini = [(pack_by_budget(mine, spec) if spec.max_tokens else
-                 pack_microbatches(mine, spec.micro_batch_size, spec.pad_id, spec.multiple)) if mine else []
-            for mine in minis]
+    per_mini = pack_each(minis, spec)
     counts = torch.tensor([len(p) for p in per_mini], dtype=torch.int64, device=device)
     if dp_group is not None and dist.get_world_size(dp_group) > 1 and counts.numel():
         dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=dp_group)
+    return equalize(per_mini, counts.tolist(), spec)
+
+
+def pack_each(minis: list[list[Trajectory]], spec: PackingSpec) -> list[list[MicroBatch]]:
+    """Each mini-batch's trajectories as micro-batches (token budget or padded rows), no agreement."""
+    return [(pack_by_budget(mine, spec) if spec.max_tokens else
+             pack_microbatches(mine, spec.micro_batch_size, spec.pad_id, spec.multiple)) if mine else []
+            for mine in minis]
+
+
+def equalize(per_mini: list[list[MicroBatch]], counts: list[int], spec: PackingSpec
+             ) -> tuple[list[MicroBatch], list[list[int]]]:
+    """Top each mini-batch up to `counts[m]` micro-batches with empty ones; flatten with spans."""
     microbatches: list[MicroBatch] = []
     spans: list[list[int]] = []
-    for packed, want in zip(per_mini, counts.tolist(), strict=True):
+    for packed, want in zip(per_mini, counts, strict=True):
         packed = packed + [empty_microbatch(spec) for _ in range(want - len(packed))]
         if packed:
             spans.append(list(range(len(microbatches), len(microbatches) + len(packed))))
@@ -133,28 +144,37 @@ def empty_microbatch(spec: PackingSpec) -> MicroBatch:
     return mb
 
 
-def layout_stats(microbatches: list[MicroBatch], dp_group=None, device: torch.device | None = None) -> dict:
+def layout_stats(microbatches: list[MicroBatch], spans: list[list[int]], dp_group=None,
+                 device: torch.device | None = None) -> dict:
     """The step's layout metrics over the DP group (identical on every rank of it).
 
+    Args:
+        microbatches: this rank's micro-batches.
+        spans: the micro-batch indices of each optimizer mini-batch (the same count on every rank).
+        dp_group: the data-parallel group (None: one rank).
+        device: the device of the all-reduces.
+
     Returns:
-        `pad_fraction` (padding / processed tokens), `dp_token_imbalance` (max / mean processed
-        tokens per DP rank), `microbatches_per_rank` and `max_microbatch_tokens` (max over DP).
+        `pad_fraction`: padding / processed tokens; `dp_token_imbalance`: Σ over mini-batches of
+        the busiest rank's processed tokens / Σ of the mean rank's (each mini-batch ends in a
+        gradient all-reduce, so this is the step's time against perfect balance when time follows
+        tokens); `microbatches_per_rank` and `max_microbatch_tokens` (max over DP).
     """
-    processed = float(sum(mb.tokens.numel() for mb in microbatches))
+    per_mini = [float(sum(microbatches[i].tokens.numel() for i in span)) for span in spans]
     real = float(sum(mb.real_tokens for mb in microbatches))
     biggest = float(max((mb.tokens.numel() for mb in microbatches), default=0))
-    sums = torch.tensor([processed, real], dtype=torch.float64, device=device)
-    peaks = torch.tensor([processed, biggest, float(len(microbatches))], dtype=torch.float64, device=device)
+    sums = torch.tensor([sum(per_mini), real, *per_mini], dtype=torch.float64, device=device)
+    peaks = torch.tensor([biggest, float(len(microbatches)), *per_mini], dtype=torch.float64, device=device)
     ranks = 1
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         ranks = dist.get_world_size(dp_group)
         dist.all_reduce(sums, group=dp_group)
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=dp_group)
-    total, real_total = sums.tolist()
-    top, biggest, count = peaks.tolist()
+    total, real_total = sums[:2].tolist()
+    busiest = float(peaks[2:].sum())
     return {
         "pad_fraction": (total - real_total) / total if total else 0.0,
-        "dp_token_imbalance": top / (total / ranks) if total else 1.0,
-        "microbatches_per_rank": count,
-        "max_microbatch_tokens": biggest,
+        "dp_token_imbalance": busiest / (total / ranks) if total else 1.0,
+        "microbatches_per_rank": float(peaks[1]),
+        "max_microbatch_tokens": float(peaks[0]),
     }

@@ -27,8 +27,11 @@ def reporter_rank(groups) -> int:
     return int(t)
 
 
-def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, timer) -> dict:
-    """The metrics of one step, identical on every rank (computed on the last stage, broadcast)."""
+def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, timer, spans=()) -> dict:
+    """The metrics of one step, identical on every rank (computed on the last stage, broadcast).
+
+    `spans` are the micro-batch indices of each mini-batch (for the layout metrics).
+    """
     g = run.groups
     token_stats = None
     if g.is_last_stage:
@@ -36,7 +39,7 @@ def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, time
         token_stats = {**_token_stats(mbs, sums, g), **_correction_stats(mbs, run.loss_cfg, g),
                        "entropy_threshold": threshold}
     token_stats = broadcast_from(token_stats, src=reporter_rank(g))
-    layout = layout_stats(mbs, g.dp, g.device)  # every stage holds the same micro-batches
+    layout = layout_stats(mbs, spans, g.dp, g.device)  # every stage holds the same micro-batches
     lr = float(run.optimizer.param_groups[0]["lr"])
     seconds = timer.as_metrics()
     total_s = sum(seconds.values()) or math.nan
