@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=2 examples/megatron_pipeline.py        # DP=2 (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node=2 examples/megatron_pipeline.py --tp 2 # TP=2
     python examples/megatron_pipeline.py                             # one process
+    torchrun --nproc_per_node=2 examples/megatron_pipeline.py --packed  # packed rows, no padding
 
 Your script keeps its model builder, data, DDP, optimizer and `get_forward_backward_func`. It adds:
   1. a model whose last stage returns the final hidden states for `return_hidden=True` and
@@ -13,6 +14,10 @@ Your script keeps its model builder, data, DDP, optimizer and `get_forward_backw
   4. `select_forking_tokens` over the DP group (the exact top-20% entropy threshold);
   5. `policy_forward_step` as the forward_step of the update (DAPO on the selected tokens,
      divided by all response tokens of the step on every DP rank).
+With `--packed` each micro-batch is one packed row (`megafork.train.batch.pack_row`: the
+sequences back to back, `cu_seqlens` marking them, position ids restarting per sequence); both
+forward steps pass `cu_seqlens` to the model, which attends within each sequence only, so the
+numbers are those of the padded layout without computing the padding.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from megafork.distributed import ParallelConfig, init_distributed
 from megafork.forking import select_forking_tokens
 from megafork.models.qwen3 import Qwen3GPTModel
 from megafork.pipeline import PolicyLossConfig, logprob_forward_step, policy_forward_step
+from megafork.train.batch import Trajectory, pack_row
 
 VOCAB = 100  # the true vocabulary; the LM head is padded to a multiple of 8 * tp rows
 
@@ -78,20 +84,29 @@ def microbatch(rows: list[tuple[list[int], list[int], float]], device) -> Simple
                            response_mask=response.to(device), advantages=adv.to(device))
 
 
-def my_batches(step: int, dp_rank: int, device) -> list[SimpleNamespace]:
+def packed_microbatch(rows: list[tuple[list[int], list[int], float]], device):
+    """The same rows as one packed `[1, S]` row with `cu_seqlens` (megafork's `pack_row`)."""
+    trajs = [Trajectory(prompt_ids=p, response_ids=r, rollout_logprobs=[0.0] * len(r), reward=0.0, accuracy=0.0,
+                        advantage=a) for p, r, a in rows]
+    return pack_row(trajs).to(device)
+
+
+def my_batches(step: int, dp_rank: int, device, packed: bool = False) -> list:
     """Stand-in for your rollouts: 2 micro-batches of 2 responses each, advantages of both signs."""
     g = torch.Generator().manual_seed(1000 * step + dp_rank)
 
     def row(i):
         p, r = torch.randint(1, VOCAB, (4,), generator=g), torch.randint(1, VOCAB, (3 + 2 * i,), generator=g)
         return p.tolist(), r.tolist(), (-1.0) ** i
-    return [microbatch([row(0), row(1)], device), microbatch([row(2), row(3)], device)]
+    make = packed_microbatch if packed else microbatch
+    return [make([row(0), row(1)], device), make([row(2), row(3)], device)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--packed", action="store_true", help="one packed row per micro-batch, no padding")
     args = parser.parse_args()
     groups = init_distributed(ParallelConfig(tp=args.tp))  # stands in for your initialize_megatron()
     model = build_model(args.tp, groups.device)
@@ -105,9 +120,10 @@ def main() -> None:
     forward_backward = get_forward_backward_func()
 
     for step in range(args.steps):
-        batches = my_batches(step, groups.dp_rank, groups.device)
+        batches = my_batches(step, groups.dp_rank, groups.device, args.packed)
         run = functools.partial(forward_backward, model=[ddp], num_microbatches=len(batches),
-                                seq_length=max(b.tokens.shape[1] for b in batches), micro_batch_size=2)
+                                seq_length=max(b.tokens.shape[1] for b in batches),
+                                micro_batch_size=batches[0].tokens.shape[0])
         # (3) Old pass: log-probs and entropies per label position, no [T, V] logits.
         ddp.eval()
         with torch.no_grad():
