@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from megafork.algo.loss import check_clip
 from megafork.algo.rollout_correction import check_correction, rollout_correction
+from megafork.algo.segments import from_rows, to_rows
 from megafork.forking import select_forking_tokens
 from megafork.ops import fused_head_logprobs_entropy, fused_head_policy_loss
 
@@ -196,17 +197,25 @@ def policy_loss_func(cfg: PolicyLossConfig, tp_group, vocab_size: int, batch, mo
 def correction_for(cfg: PolicyLossConfig, batch) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(flat per-token correction weights or None, flat response mask of the kept sequences).
 
-    Rows of the micro-batch are sequences; "seq_mask" drops rejected rows from the response
-    mask, so they leave both the loss and the token count the gradients are divided by.
+    Rows of the micro-batch are sequences (the segments of a packed row, by `cu_seqlens`);
+    "seq_mask" drops rejected sequences from the response mask, so they leave both the loss and
+    the token count the gradients are divided by.
     """
     if cfg.rollout_correction == "none":
         return None, batch.response_mask.reshape(-1)
     if getattr(batch, "rollout_logprobs", None) is None or batch.old_logprobs is None:
         raise ValueError(f"micro-batch.rollout_logprobs: rollout_correction={cfg.rollout_correction!r} needs the "
                          "engine's log-probs and the old pass's old_logprobs, found None")
-    corr = rollout_correction(batch.old_logprobs, batch.rollout_logprobs, batch.response_mask, cfg.rollout_correction,
+    cu = getattr(batch, "cu_seqlens", None)
+    old, rollout, response = batch.old_logprobs, batch.rollout_logprobs, batch.response_mask
+    if cu is not None:  # a packed row: one row per sequence for the sequence-level modes
+        old, rollout, response = (to_rows(t, cu) for t in (old, rollout, response))
+    corr = rollout_correction(old, rollout, response, cfg.rollout_correction,
                               cfg.rollout_is_cap, cfg.rollout_mask_low, cfg.rollout_mask_high)
-    return corr.weights.reshape(-1), corr.keep.reshape(-1)
+    weights, keep = corr.weights, corr.keep
+    if cu is not None:
+        weights, keep = from_rows(weights, cu, batch.response_mask), from_rows(keep, cu, batch.response_mask)
+    return weights.reshape(-1), keep.reshape(-1)
 
 
 def logprob_forward_step(tp_group: dist.ProcessGroup | None, vocab_size: int, temperature: float = 1.0,

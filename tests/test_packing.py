@@ -345,3 +345,60 @@ def test_budget_with_context_parallelism_fails_at_load():
     assert load_config(None, ["train.max_tokens_per_microbatch=4096"]).train.max_tokens_per_microbatch == 4096
     with pytest.raises(ValueError, match="train.max_tokens_per_microbatch: expected >= the padding multiple 4"):
         PackingSpec(max_tokens=2, multiple=4)
+
+
+@pytest.mark.parametrize("mode", ["token_tis", "seq_tis", "seq_mask"])
+def test_sequence_level_rollout_correction_sees_sequences_of_a_packed_row(mode):
+    """seq_tis / seq_mask take products and means per sequence: the segments of a packed row."""
+    from types import SimpleNamespace
+
+    from megafork.pipeline import PolicyLossConfig, correction_for
+    from megafork.train.batch import pack_microbatches
+    from megafork.train.step_metrics import _correction_stats
+
+    g = torch.Generator().manual_seed(4)
+    seqs = [_traj(2, 5), _traj(3, 2, first=5), _traj(1, 4, first=6)]
+    padded, packed = pack_microbatches(seqs, 3)[0], pack_row(seqs, multiple=4)
+    rollout = [torch.randn(len(t.response_ids), generator=g) for t in seqs]
+    old = [r + 0.05 * torch.randn(r.shape, generator=g) for r in rollout]
+    old[1] = rollout[1] + 1.0  # a sequence far off: masked / truncated
+    for mb in (padded, packed):
+        rows, cols, seq = mb.response_ids()
+        mb.old_logprobs = torch.zeros(mb.labels.shape)
+        mb.old_logprobs[rows, cols] = torch.cat(old)
+        mb.rollout_logprobs = torch.zeros(mb.labels.shape)
+        mb.rollout_logprobs[rows, cols] = torch.cat(rollout)
+        mb.fork_mask = mb.response_mask.clone()
+    cfg = PolicyLossConfig(rollout_correction=mode, rollout_is_cap=2.0, rollout_mask_low=0.9, rollout_mask_high=1.1)
+    (w_pad, keep_pad), (w_pack, keep_pack) = correction_for(cfg, padded), correction_for(cfg, packed)
+    sel_pad, sel_pack = padded.response_mask.reshape(-1), packed.response_mask.reshape(-1)
+    assert torch.equal(w_pad[sel_pad], w_pack[sel_pack]) and torch.equal(keep_pad[sel_pad], keep_pack[sel_pack])
+    if mode == "seq_mask":  # sequence 1 (and only it) leaves the loss
+        assert keep_pack[sel_pack].tolist() == [True] * 5 + [False] * 2 + [True] * 4
+    one = SimpleNamespace(dp_cp=None, device=torch.device("cpu"))
+    assert _correction_stats([padded], cfg, one) == _correction_stats([packed], cfg, one)
+
+
+def test_entropy_dump_indexes_responses_of_packed_rows(tmp_path):
+    """The entropy dump numbers each response and each token within it, packed or padded."""
+    from types import SimpleNamespace
+
+    from megafork.train.batch import pack_microbatches
+    from megafork.analysis.io import read_entropy_dump
+    from megafork.train.step_metrics import dump_entropy
+
+    seqs = [_traj(2, 3), _traj(3, 2, first=5), _traj(1, 4, first=6)]
+    groups = SimpleNamespace(is_last_stage=True, tp_rank=0, dp_rank=0, cp_rank=0)
+    dumps = {}
+    for name, mbs in (("padded", pack_microbatches(seqs, 2)), ("packed", [pack_row(seqs[:2], multiple=4),
+                                                                        pack_row(seqs[2:])])):
+        for mb in mbs:
+            mb.entropy = torch.arange(mb.labels.numel(), dtype=torch.float32).view(mb.labels.shape) / 10
+            mb.fork_mask = mb.response_mask.clone()
+        run = SimpleNamespace(groups=groups, cfg=SimpleNamespace(forking=SimpleNamespace(ratio=0.2)))
+        dump_entropy(run, tmp_path / name, 0, mbs, 0.5)
+        dumps[name] = read_entropy_dump(next((tmp_path / name).rglob("entropy_step*.pt")))
+    for name, d in dumps.items():
+        assert d["response_index"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2], name
+        assert d["position"].tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3], name
+        assert d["token_ids"].tolist() == [10, 11, 12, 10, 11, 10, 11, 12, 13], name

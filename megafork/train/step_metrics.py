@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megafork.algo.rollout_correction import correction_metrics, correction_sums, rollout_correction
+from megafork.algo.segments import to_rows
 from megafork.analysis.io import write_entropy_dump
 from megafork.forking import topk_threshold
 from megafork.train.packing import layout_stats
@@ -104,9 +105,12 @@ def _correction_stats(mbs, loss_cfg, g) -> dict:
         # old log-probs and the fork mask are on the device (old pass), the batch fields on the host
         old = mb.old_logprobs
         rollout, response = mb.rollout_logprobs.to(old.device), mb.response_mask.to(old.device)
+        loss_mask = mb.fork_mask if mb.fork_mask is not None else response
+        if mb.packed:  # one row per sequence, as the sequence-level statistics expect
+            cu = mb.cu_seqlens
+            old, rollout, response, loss_mask = (to_rows(x, cu) for x in (old, rollout, response, loss_mask))
         corr = rollout_correction(old, rollout, response, loss_cfg.rollout_correction,
                                   loss_cfg.rollout_is_cap, loss_cfg.rollout_mask_low, loss_cfg.rollout_mask_high)
-        loss_mask = mb.fork_mask if mb.fork_mask is not None else response
         part = correction_sums(corr, old, rollout, response, loss_mask, loss_cfg.rollout_is_cap)
         for k in keys:
             local[k] = max(local[k], part[k]) if k == "is_weight_max" else local[k] + part[k]
