@@ -383,8 +383,8 @@ def test_entropy_dump_indexes_responses_of_packed_rows(tmp_path):
     """The entropy dump numbers each response and each token within it, packed or padded."""
     from types import SimpleNamespace
 
-    from megafork.train.batch import pack_microbatches
     from megafork.analysis.io import read_entropy_dump
+    from megafork.train.batch import pack_microbatches
     from megafork.train.step_metrics import dump_entropy
 
     seqs = [_traj(2, 3), _traj(3, 2, first=5), _traj(1, 4, first=6)]
