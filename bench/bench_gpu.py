@@ -161,7 +161,7 @@ def bench_megatron(sizes, device) -> dict:
     from megafork.train.config import ForkingConfig, OptimConfig
     from megafork.train.optim import build_optimizer, enable_per_token_loss, wrap_ddp
     from megafork.train.setup import Run
-    from megafork.train.shard import pack_minibatches
+    from megafork.train.packing import PackingSpec, pack_minibatches
     from megafork.train.update import old_pass, select, train_minibatches
 
     raw = {**TINY_DEFAULTS, **sizes["qwen3"], "max_position_embeddings": 4 * sizes["seq_len"],
@@ -181,8 +181,8 @@ def bench_megatron(sizes, device) -> dict:
                         advantage=(-1.0) ** i) for i in range(sizes["seqs"])]
 
     def step():
-        mbs, spans = pack_minibatches([trajs], sizes["micro"], pad_id=0,
-                                      pad_multiple=Run.resolve_pad_multiple(0, groups.device))
+        spec = PackingSpec(micro_batch_size=sizes["micro"], multiple=Run.resolve_pad_multiple(0, groups.device))
+        mbs, spans = pack_minibatches([trajs], spec)
         old_pass(chunks, mbs, groups, hf.vocab_size, 1.0, None)
         select(mbs, ForkingConfig(ratio=0.2), spans, groups, seed=0)
         train_minibatches(chunks, optimizer, mbs, spans, PolicyLossConfig(), groups, hf.vocab_size)

@@ -148,7 +148,7 @@ def _update_worker(rank, world, hf_dir, tp, backend):
     from megafork.pipeline import PolicyLossConfig
     from megafork.train.config import ForkingConfig, OptimConfig
     from megafork.train.optim import build_optimizer, enable_per_token_loss, wrap_ddp
-    from megafork.train.shard import pack_minibatches
+    from megafork.train.packing import PackingSpec, pack_minibatches
     from megafork.train.update import old_pass, select, train_minibatches
 
     groups = init_distributed(ParallelConfig(tp=tp, backend=backend))
@@ -159,8 +159,8 @@ def _update_worker(rank, world, hf_dir, tp, backend):
     chunks = [wrap_ddp(model, groups)]
     optimizer, _ = build_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=1e6), chunks,
                                    total_steps=10, groups=groups)
-    mbs, spans = pack_minibatches([_trajectories()], micro_batch_size=2, pad_id=0,
-                                  pad_multiple=128 if groups.device.type == "cuda" else 1)
+    mbs, spans = pack_minibatches([_trajectories()], PackingSpec(micro_batch_size=2, pad_id=0,
+                                                                 multiple=128 if groups.device.type == "cuda" else 1))
     old_pass(chunks, mbs, groups, hf.vocab_size, temperature=1.0, chunk_size=32)
     select(mbs, ForkingConfig(mode="all"), spans, groups, seed=0)
     sums = train_minibatches(chunks, optimizer, mbs, spans, PolicyLossConfig(), groups, hf.vocab_size)

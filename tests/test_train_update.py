@@ -242,7 +242,7 @@ def test_pack_microbatches_layout():
 def test_pack_pads_lengths_to_a_multiple():
     trajs = [_traj(3, p=2), _traj(1, p=4), _traj(2)]
     plain = pack_microbatches(trajs, micro_batch_size=2, pad_id=7)
-    padded, spans = pack_minibatches([trajs[:2], trajs[2:]], micro_batch_size=2, pad_id=7, pad_multiple=8)
+    padded, spans = pack_minibatches([trajs[:2], trajs[2:]], PackingSpec(micro_batch_size=2, pad_id=7, multiple=8))
     assert [mb.tokens.shape for mb in padded] == [torch.Size([2, 8]), torch.Size([1, 8])] and spans == [[0], [1]]
     for p, q in zip(plain[:1], padded[:1]):
         s = p.tokens.shape[1]
