@@ -160,8 +160,8 @@ def bench_megatron(sizes, device) -> dict:
     from megafork.train.batch import Trajectory
     from megafork.train.config import ForkingConfig, OptimConfig
     from megafork.train.optim import build_optimizer, enable_per_token_loss, wrap_ddp
-    from megafork.train.setup import Run
     from megafork.train.packing import PackingSpec, pack_minibatches
+    from megafork.train.setup import Run
     from megafork.train.update import old_pass, select, train_minibatches
 
     raw = {**TINY_DEFAULTS, **sizes["qwen3"], "max_position_embeddings": 4 * sizes["seq_len"],
