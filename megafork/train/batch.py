@@ -35,6 +35,8 @@ class Trajectory:
         advantage: GRPO advantage, the same for every token of the response.
         group: index of the prompt group within the step.
         finish_reason: "stop", "length" or "abort".
+        weight_version: the engine's weight version the response was sampled with (as the
+            engine reports it; `megafork.train.rollout_ahead` turns it into a step count).
     """
 
     prompt_ids: torch.Tensor | list[int]
@@ -45,6 +47,7 @@ class Trajectory:
     advantage: float = 0.0
     group: int = 0
     finish_reason: str = "stop"
+    weight_version: int | str | None = None
 
 
 @dataclass

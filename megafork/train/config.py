@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -251,6 +252,10 @@ class TrainConfig:
             checkpoint's step count. Without it, a changed schedule stops the resume.
         keep_last: keep this many newest checkpoints (0 = all).
         seed: seed for data order, sampling and every RNG.
+        rollout_ahead: 0 (synchronous) or 1 (one-step off-policy: the next step's prompts are
+            generated while this step trains, with the weights of the step before; needs an
+            engine outside the trainer's processes, and should be paired with
+            `algo.rollout_correction`). See `megafork.train.rollout_ahead`.
     """
 
     steps: int = 500
@@ -266,9 +271,12 @@ class TrainConfig:
     extend_steps: bool = False
     keep_last: int = 3
     seed: int = 1234
+    rollout_ahead: int = 0
 
     def __post_init__(self):
         _check_types(self, "train")
+        _require(self.rollout_ahead in (0, 1), "train.rollout_ahead", "0 (synchronous) or 1 (one step ahead)",
+                 self.rollout_ahead)
         _positive(self, "train", "steps", "prompts_per_step", "minibatch_prompts", "micro_batch_size")
         _positive(self, "train", "save_every", "seed", "keep_last", "pad_multiple", "max_tokens_per_microbatch",
                   "balance_quadratic", allow_zero=True)
@@ -374,6 +382,15 @@ class Config:
             _require(budget >= multiple, "train.max_tokens_per_microbatch",
                      f">= parallel.tp={multiple} (sequence parallelism pads each packed row to a multiple of TP)",
                      budget)
+        if self.train.rollout_ahead:
+            _require(self.rollout.engine != "embedded", "train.rollout_ahead",
+                     "0 with rollout.engine='embedded' (the embedded engine runs in the trainer's processes, so "
+                     "generation cannot overlap training; use rollout.engine='sglang' with SGLang or megafork serve)",
+                     self.train.rollout_ahead)
+            if self.algo.rollout_correction == "none":
+                warnings.warn("train.rollout_ahead=1 trains on samples from the previous step's weights; pair it "
+                              "with algo.rollout_correction (token_tis, seq_tis or seq_mask) to correct for the lag",
+                              UserWarning, stacklevel=2)
         if self.algo.overlong_shaping:
             _require(self.algo.overlong_buffer < self.rollout.max_response_len, "algo.overlong_buffer",
                      f"< rollout.max_response_len={self.rollout.max_response_len}", self.algo.overlong_buffer)

@@ -22,9 +22,9 @@ from megafork.train.control import ControlPlane
 from megafork.train.engine_start import sync_engine_at_start
 from megafork.train.metrics import MetricsLogger, RunClock, Timer, eval_progress
 from megafork.train.packing import pack_minibatches
-from megafork.train.rollout_phase import collect_rollouts, evaluate
+from megafork.train.rollout_ahead import RolloutFeed
+from megafork.train.rollout_phase import evaluate
 from megafork.train.setup import build_run
-from megafork.train.shard import split_for_dp
 from megafork.train.step_metrics import dump_entropy, step_metrics
 from megafork.train.update import old_pass, select, train_minibatches
 
@@ -43,21 +43,15 @@ def train(cfg) -> dict:
     clock = RunClock(t_start, before=extra.get("wall_seconds", 0.0))
     logger = MetricsLogger(run_dir, cfg, start_step=start)
     control = ControlPlane(groups, cfg.rollout.step_timeout_minutes)  # waits on gloo, never in NCCL
+    rollouts = RolloutFeed(run, control)  # train.rollout_ahead: 1 generates the next step's batch during this one
     if start == 0 and run.eval_dataset is not None:
         summary["initial_accuracy"] = _eval(run, control, step=0)
         logger.log_start({"eval_accuracy": summary["initial_accuracy"]})
 
     for step in range(start, cfg.train.steps):
         timer = Timer()
-        with timer("rollout"):
-            shares = rstats = None
-            if groups.rank == 0:
-                trajs, rstats = collect_rollouts(run.engine, run.dataset, run.sampler, run.tokenizer,
-                                                 run.reward_fn, cfg, step)
-                shares = split_for_dp(trajs, cfg.algo.n, cfg.train.minibatch_prompts, groups.dp_size,
-                                      cfg.train.dp_balance, cfg.train.balance_quadratic)
-            (rstats, sampler_state), my_share = control.distribute((rstats, run.sampler.state_dict()), shares)
-            run.sampler.load_state_dict(sampler_state)
+        with timer("rollout"):  # rank 0 generates (or takes what it prefetched) and hands out the DP shares
+            my_share, rstats = rollouts.take(step)
         # host tensors; moved to the device one at a time
         mbs, minis = pack_minibatches(my_share, run.packing, groups.dp, groups.device)
         threshold, sums = math.nan, {}
@@ -69,6 +63,7 @@ def train(cfg) -> dict:
                 sums = train_minibatches(run.model, run.optimizer, mbs, minis, run.loss_cfg, groups, run.vocab_size)
         run.scheduler.step(increment=1)
         with timer("sync"):
+            rollouts.settle()  # an in-flight generation finishes on the weights it started with
             _sync(run, step)
         metrics = step_metrics(run, step, mbs, sums, rstats, threshold, timer, spans=minis)
         if cfg.log.entropy_dump_every and (step + 1) % cfg.log.entropy_dump_every == 0:
@@ -84,6 +79,7 @@ def train(cfg) -> dict:
         summary["final_accuracy"] = _eval(run, control, cfg.train.steps)
     summary.update(steps=cfg.train.steps, **clock.summary())
     logger.close()
+    rollouts.close()
     control.close()
     if hasattr(run.sender, "close"):  # leave no weight-update group open on the servers
         run.sender.close()

@@ -176,7 +176,7 @@ class _Group:
         return [Trajectory(prompt_ids=prompt_ids, response_ids=torch.as_tensor(s.response_ids, dtype=torch.int32),
                            rollout_logprobs=torch.as_tensor(s.logprobs, dtype=torch.float32),
                            reward=float(self.shaped[j]), accuracy=float(self.accs[j]), advantage=float(adv[j]),
-                           group=group, finish_reason=s.finish_reason)
+                           group=group, finish_reason=s.finish_reason, weight_version=s.weight_version)
                 for j, s in enumerate(self.samples)]
 
 

@@ -50,7 +50,7 @@ def step_metrics(run, step: int, mbs, sums: dict, rstats, threshold: float, time
         "groups_kept": rstats.groups_kept, "groups_short": rstats.groups_short,
         "groups_aborted": rstats.groups_aborted,
         "sampling_rounds": rstats.rounds, "lr": lr,
-        **rstats.extra,
+        **rstats.extra,  # staleness of the trained samples, rollout wait (megafork.train.rollout_ahead)
         **token_stats,
         **layout,
         **seconds,
