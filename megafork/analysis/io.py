@@ -34,7 +34,7 @@ METRIC_KEYS = (
     "clip_fraction_low", "clip_fraction_high", "grad_norm", "lr", "logprob_gap",
     "seconds_rollout", "seconds_old_pass", "seconds_update", "seconds_sync", "tokens_per_second",
     "mismatch_kl", "is_weight_mean", "is_weight_max", "is_truncated_fraction", "is_masked_fraction",
-    "staleness_mean", "staleness_max",
+    "staleness_mean", "staleness_max", "rollout_weight_version", "seconds_rollout_wait",
 )
 DUMP_RE = re.compile(r"^entropy_step(\d+)\.pt$")
 DUMP_FIELDS = {"token_ids": torch.int64, "entropy": torch.float32, "selected": torch.bool,
