@@ -52,7 +52,8 @@ class ReplayProxy:
             def _relay(self, method, body):
                 key = None
                 if self.path == "/generate" and body is not None:
-                    key = json.dumps(json.loads(body), sort_keys=True)
+                    # The request id ("rid") is unique per run by design; the rest defines the request.
+                    key = json.dumps({k: v for k, v in json.loads(body).items() if k != "rid"}, sort_keys=True)
                     with proxy._lock:
                         proxy.requests.append(key)
                         cached = proxy.records.get(key) if proxy.replay else None
