@@ -138,8 +138,11 @@ def make_prebuilt_server(host: str, port: int, response_len: int, vocab_size: in
     def reply(body: dict) -> bytes:
         prompts = body["input_ids"]
         batch = bool(prompts) and isinstance(prompts[0], list)
-        sp = SamplingParams(n=int(body.get("sampling_params", {}).get("n", 1)),
-                            max_new_tokens=int(body.get("sampling_params", {}).get("max_new_tokens", 128)))
+        raw_sp = body.get("sampling_params", {})
+        per_entry = isinstance(raw_sp, list)  # seeded requests: one entry (n=1) per sample
+        first = raw_sp[0] if per_entry else raw_sp
+        sp = SamplingParams(n=1 if per_entry else int(first.get("n", 1)),
+                            max_new_tokens=int(first.get("max_new_tokens", 128)))
         key = (len(prompts) if batch else 1, sp.n, sp.max_new_tokens, batch)
         with lock:
             if key not in cache:
