@@ -2,6 +2,7 @@
 
     make demo                                   # = .venv/bin/python -m megafork.demo
     .venv/bin/python -m megafork.demo --fresh   # redo the warm start even if runs/tiny_cpu has one
+    .venv/bin/python -m megafork.demo ablation  # the token ablation, 3 seeds per row (megafork.demo.ablation)
 
 1. `megafork.demo.prepare`: writes a tiny Qwen3 with a task tokenizer (HF format) and warm-starts
    it with a short supervised phase to a partial held-out accuracy.
@@ -27,6 +28,11 @@ CONFIG = "examples/configs/tiny_cpu.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["ablation"]:
+        from megafork.demo.ablation import main as ablation_main
+
+        return ablation_main(argv[1:])
     p = argparse.ArgumentParser(prog="megafork.demo", description=__doc__.splitlines()[0])
     p.add_argument("--fresh", action="store_true", help="redo the warm start even if one exists")
     p.add_argument("--nproc", type=int, default=2, help="trainer ranks (the config's TP/PP must fit)")
