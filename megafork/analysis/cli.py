@@ -2,7 +2,11 @@
 
     megafork analyze runs/tiny_cpu                       # plots of the latest entropy dump
     megafork analyze runs/tiny_cpu --step 40 --top 30
-    megafork analyze runs/tiny_cpu --overlap runs/a/entropy_step0.pt runs/b/entropy_step0.pt
+    megafork analyze runs/tiny_cpu --overlap runs/a/entropy_step0.pt runs/b/entropy_step0.pt  # same tokens only
+    megafork analyze overlap --base runs/tiny_cpu/hf_sft --run runs/tiny_cpu --prompts 128
+
+`analyze overlap` is the paper's measure (`megafork.analysis.overlap`): the base model's responses
+re-scored by the base and by every checkpoint of the run.
 
 Reads the files described in `megafork.analysis.io` and writes into RUN_DIR/plots/:
 reward_accuracy.png, entropy_hist.png, forking_tokens.png, plus forking_tokens.md.
@@ -17,7 +21,15 @@ import yaml
 
 from megafork.analysis.io import list_dumps, read_entropy_dump, read_metrics
 from megafork.analysis.plots import plot_entropy_histogram, plot_token_frequencies, plot_training_curves
-from megafork.analysis.stats import entropy_percentiles, forking_token_table, format_token_table, top_overlap
+from megafork.analysis.stats import (
+    PAPER_FRACTION_BELOW_001,
+    PAPER_P80,
+    entropy_percentiles,
+    entropy_summary,
+    forking_token_table,
+    format_token_table,
+    top_overlap,
+)
 
 
 def _decoder(run_dir: Path, tokenizer_dir: str | None):
@@ -54,7 +66,8 @@ def analyze(run_dir: str | Path, step: int | None = None, tokenizer: str | None 
         raise FileNotFoundError(f"run directory {str(run)!r}: expected a directory, found nothing there")
     plots_dir = run / "plots"
     notes: list[str] = []
-    result: dict = {"plots": [], "percentiles": None, "threshold": None, "table": None, "notes": notes}
+    result: dict = {"plots": [], "percentiles": None, "summary": None, "threshold": None, "table": None,
+                    "notes": notes}
     metrics = run / "metrics.jsonl"
     dumps = list_dumps(run)
     if not metrics.is_file() and not dumps:
@@ -78,6 +91,7 @@ def analyze(run_dir: str | Path, step: int | None = None, tokenizer: str | None 
             raise FileNotFoundError(f"{run}: expected entropy_step{step}.pt, found dumps for steps {list(dumps)}")
         dump = read_entropy_dump(dumps[step])
         result["percentiles"] = entropy_percentiles(dump["entropy"])
+        result["summary"] = entropy_summary(dump["entropy"], dump["selected"])
         result["threshold"] = dump["threshold"]
         result["plots"].append(plot_entropy_histogram(
             dump["entropy"], dump["threshold"], plots_dir / "entropy_hist.png",
@@ -90,7 +104,35 @@ def analyze(run_dir: str | Path, step: int | None = None, tokenizer: str | None 
     return result
 
 
+def overlap_main(argv: list[str]) -> int:
+    """`megafork analyze overlap --base HF_DIR --run RUN_DIR [--prompts N]`."""
+    from megafork.analysis.overlap import overlap_analysis, overlap_markdown, plot_overlap
+
+    p = argparse.ArgumentParser(prog="megafork analyze overlap",
+                                description="top-rho position overlap of a run's checkpoints with its base model")
+    p.add_argument("--base", required=True, help="the HF directory the run started from")
+    p.add_argument("--run", required=True, help="the run directory (config.yaml, checkpoints/)")
+    p.add_argument("--prompts", type=int, default=128, help="held-out prompts the base model answers")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the base responses")
+    args = p.parse_args(argv)
+    try:
+        rows = overlap_analysis(args.base, args.run, args.prompts, args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"megafork analyze overlap: {e}", file=sys.stderr)
+        return 2
+    table = overlap_markdown(rows)
+    plots = Path(args.run) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    (plots / "overlap.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {plots / 'overlap.md'}\nwrote {plot_overlap(rows, plots / 'overlap.png')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["overlap"]:
+        return overlap_main(argv[1:])
     p = argparse.ArgumentParser(prog="megafork analyze", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="runs/<name>")
     p.add_argument("--step", type=int, default=None, help="entropy dump step (default: latest)")
@@ -116,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if result["percentiles"] is not None:
         pct = ", ".join(f"{k} {v:.4g}" for k, v in result["percentiles"].items())
         print(f"response-token entropy: {pct}; threshold {result['threshold']:.4g}")
+        e = result["summary"]
+        print(f"tokens with entropy < 0.01: {100 * e['fraction_below_0.01']:.1f}% (paper, Qwen3-8B: more than "
+              f"{100 * PAPER_FRACTION_BELOW_001:.0f}%); p80 {result['percentiles']['p80']:.3f} (paper: {PAPER_P80})")
+        print(f"mean entropy: forking tokens {e['forking_mean']:.4f}, other tokens {e['non_forking_mean']:.4f}")
         print(result["table"])
     for path in result["plots"]:
         print(f"wrote {path}")

@@ -3,6 +3,7 @@
     entropy_percentiles(entropy)                    # {"p50": ..., "p80": ..., "p95": ...}
     forking_token_table(token_ids, selected)        # (forking Counter, low-entropy Counter)
     top_overlap(entropy_a, entropy_b, ratio=0.2)    # share of A's top-20% positions also in B's
+    entropy_summary(entropy, selected)              # fraction < 0.01, forking vs non-forking means
 
 The paper (arXiv 2506.01939) reports for Qwen3-8B: more than half of the tokens below 0.01, the 80th
 percentile at 0.672, and a 98.9% -> 86.7% overlap of the top-20% positions with the base model over
@@ -90,6 +91,39 @@ def top_overlap(entropy_a: torch.Tensor, entropy_b: torch.Tensor, ratio: float =
     a = set(top_positions(entropy_a, ratio, mask).tolist())
     b = set(top_positions(entropy_b, ratio, mask).tolist())
     return len(a & b) / len(a)
+
+
+# The paper's Qwen3-8B chain-of-thought figures (arXiv 2506.01939, Sec. 3), printed beside a run's.
+PAPER_FRACTION_BELOW_001 = 0.5   # "more than 50%" of tokens have entropy below 0.01
+PAPER_P80 = 0.672
+
+
+def entropy_summary(entropy: torch.Tensor, selected: torch.Tensor | None = None) -> dict[str, float]:
+    """Fraction of tokens with entropy below 0.01, and the mean entropy of forking vs other tokens.
+
+    Args:
+        entropy: per-token entropies (1-D, valid tokens only).
+        selected: bool mask of the forking tokens (None: only the fraction and overall mean).
+
+    Returns:
+        {"fraction_below_0.01", "mean", "forking_mean", "non_forking_mean"} (the last two NaN
+        without `selected`, or when a side is empty).
+    """
+    e = entropy.detach().double().reshape(-1)
+    if e.numel() == 0:
+        raise ValueError("entropy_summary: expected at least one token, found none")
+    out = {"fraction_below_0.01": float((e < 0.01).double().mean()), "mean": float(e.mean()),
+           "forking_mean": math.nan, "non_forking_mean": math.nan}
+    if selected is not None:
+        if selected.numel() != e.numel():
+            raise ValueError(f"entropy_summary: expected {e.numel()} selected flags like entropy, found "
+                             f"{selected.numel()}")
+        sel = selected.reshape(-1).bool()
+        if sel.any():
+            out["forking_mean"] = float(e[sel].mean())
+        if (~sel).any():
+            out["non_forking_mean"] = float(e[~sel].mean())
+    return out
 
 
 def forking_token_table(token_ids: torch.Tensor, selected: torch.Tensor) -> tuple[Counter, Counter]:
