@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 DEVICE  ?= cuda
 GPU_PY  ?= python3
 
-.PHONY: setup test demo bench lint clean gpu-wheels gpu-check sglang-contract
+.PHONY: setup test demo ablation bench lint clean gpu-wheels gpu-check sglang-contract
 
 setup: $(STAMP)
 
@@ -47,6 +47,10 @@ sglang-contract: setup $(SGL_STAMP)
 
 demo: setup
 	$(VPY) -m megafork.demo
+
+# The paper's token ablation at toy scale: 7 rows x 3 seeds x 40 steps (resumes; ~40 min on 2 quiet cores).
+ablation: setup
+	$(VPY) -m megafork.demo ablation $(ABLATION_ARGS)
 
 bench: setup
 	$(VPY) -m bench
