@@ -6,8 +6,8 @@
 Every run starts from the demo's warm start (runs/tiny_cpu/hf_sft, written once by
 `megafork.demo.prepare`) and goes through the real trainer (`torchrun -m megafork train` on
 examples/configs/tiny_cpu.yaml); a row changes only `forking.*` / `algo.normalizer`, a seed
-changes `train.seed` (rollout sampling and the random-mode draw; the held-out set and the
-evaluation sampler are the same for every run). Finished runs (a `summary.json` with the asked
+changes `train.seed` (rollout sampling, the random-mode draw and the evaluation's sampling; the
+held-out prompts are the same for every run). Finished runs (a `summary.json` with the asked
 step count) are skipped, so an interrupted ablation resumes where it stopped.
 
 Writes DIR/summary.json (per run and per row), DIR/ablation.md (the table) and
