@@ -46,7 +46,13 @@ def _write_checkpoints(rank, world, hf, run):
     """step 5: the base weights; step 10: the base with a perturbed LM head. Saved at TP=1 with
     the padded vocab of the run's TP=2 (as the run's own checkpoints would hold)."""
     from megafork.distributed import ParallelConfig, init_distributed
-    from megafork.models.qwen3 import Qwen3BuildOptions, build_qwen3, load_hf_weights, padded_vocab_size, read_hf_config
+    from megafork.models.qwen3 import (
+        Qwen3BuildOptions,
+        build_qwen3,
+        load_hf_weights,
+        padded_vocab_size,
+        read_hf_config,
+    )
     from megafork.train.checkpoint import save_checkpoint
     from megafork.train.checkpoint_layout import checkpoints_root
 

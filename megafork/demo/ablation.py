@@ -131,7 +131,7 @@ def markdown_table(result: dict) -> str:
              f"mean ± sd over seeds.", "",
              "| tokens trained on | overrides | seeds | held-out accuracy after | gain (points) | minutes |",
              "|---|---|---|---|---|---|"]
-    for name, r in result["rows"].items():
+    for r in result["rows"].values():
         lines.append(f"| {r['label']} | `{' '.join(r['overrides'])}` | {len(r['seeds'])} | "
                      f"{r['final_mean']:.3f} ± {r['final_sd']:.3f} | "
                      f"{100 * r['gain_mean']:+.1f} ± {100 * r['gain_sd']:.1f} | {r['minutes']:.1f} |")
