@@ -190,7 +190,7 @@ def test_learns_on_the_demo_task_one_step_ahead(tmp_path):
         cfg = {
             "model": {"hf_path": str(demo["hf_sft"]), "dtype": "float32", "head_chunk_tokens": 1024},
             "parallel": {"tp": 1, "pp": 1, "backend": "gloo"},
-            "rollout": {"max_response_len": 8, "engine": "sglang", "sglang_urls": [url]},
+            "rollout": {"max_response_len": 8, "engine": "sglang", "sglang_urls": [url], "max_inflight_per_server": 4},
             "algo": {"n": 8, "overlong_shaping": False, "dynamic_sampling": False, "rollout_correction": "token_tis"},
             "data": {"train_path": str(demo["train_path"]), "reward": "dapo", "max_prompt_len": 32},
             "optim": {"lr": 1e-4, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0, "adam_beta2": 0.99},
