@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megafork.algo.loss import dapo_policy_loss
+from megafork.algo.loss import dapo_policy_loss, dapo_token_loss
 from megafork.ops import fused_head_logprobs_entropy
 from megafork.pipeline import PolicyLossConfig, policy_loss_func
 from megafork.testing import run_ranks
@@ -301,9 +301,13 @@ def _contract_worker(rank, world, hf_dir):
 
 
 def _reference_grads(ref, parts, mode):
-    """float64 d/dθ of Σ DAPO token loss over all parts / their response-token count."""
+    """float64 d/dθ of Σ DAPO token loss over all parts / their response-token count.
+
+    Also returns Σ|token loss| / count: the scale of the terms the fp32 loss sums, whose signs
+    cancel (advantages of both signs), so it, not the small total, bounds the fp32 rounding.
+    """
     ref.zero_grad()
-    total, n_resp = 0.0, sum(int(p[2].sum()) for p in parts)
+    total, scale, n_resp = 0.0, 0.0, sum(int(p[2].sum()) for p in parts)
     for tokens, labels, resp, adv, old, fork in parts:
         logits = ref(tokens).logits
         lp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -311,7 +315,9 @@ def _reference_grads(ref, parts, mode):
         loss, _ = dapo_policy_loss(lp, old.double(), adv.double(), mask, normalizer=n_resp, **CLIP)
         loss.backward()
         total += float(loss.detach())
-    return total, {n: p.grad.clone() for n, p in ref.named_parameters()}, n_resp
+        token_loss, _ = dapo_token_loss(lp.detach(), old.double(), adv.double(), **CLIP)
+        scale += float((token_loss.abs() * mask).sum()) / n_resp
+    return total, scale, {n: p.grad.clone() for n, p in ref.named_parameters()}, n_resp
 
 
 def test_megatron_contract_dp2_tp2_and_microbatch_splits_match_float64(tmp_path):
@@ -325,10 +331,10 @@ def test_megatron_contract_dp2_tp2_and_microbatch_splits_match_float64(tmp_path)
         r1 = ranks[1][i]
         # The micro-batches of both DP ranks (TP ranks hold the same ones).
         parts = r0["mbs"] + (r1["mbs"] if r0["tp"] == 1 else [])
-        want_loss, want, n_resp = _reference_grads(ref, parts, r0["mode"])
+        want_loss, scale, want, n_resp = _reference_grads(ref, parts, r0["mode"])
         got_loss = (r0["loss_sum"] + (r1["loss_sum"] if r0["tp"] == 1 else 0.0)) / n_resp
         where = f"tp={r0['tp']} rows/micro-batch={r0['split']} mode={r0['mode']}"
-        assert abs(got_loss - want_loss) < 1e-5 * abs(want_loss), (where, got_loss, want_loss)
+        assert abs(got_loss - want_loss) < 1e-5 * scale, (where, got_loss, want_loss, scale)
         assert set(r0["grads"]) == set(want) - {"lm_head.weight"}, where  # tied embeddings
         for name, g in r0["grads"].items():
             err = float((g.double() - want[name]).abs().max() / want[name].abs().max())

@@ -250,8 +250,19 @@ POST_ONLY = {
 POST_ROUTES = {"/generate", "/abort_request", "/pause_generation", "/continue_generation", *POST_ONLY}
 
 
+class ServeHTTPServer(ThreadingHTTPServer):
+    """One thread per request, with a listen backlog for the streaming client's bursts.
+
+    socketserver's default backlog is 5: a trainer opening `rollout.max_inflight_per_server`
+    (default 64) connections at once got some of them reset before they were accepted.
+    """
+
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0, sync_timeout_s: float = 600.0,
-                max_new_tokens_cap: int | None = None) -> ThreadingHTTPServer:
+                max_new_tokens_cap: int | None = None) -> ServeHTTPServer:
     """An HTTP server (not yet serving) for `engine`; `port=0` picks a free port.
 
     Args:
@@ -262,9 +273,8 @@ def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0, 
         max_new_tokens_cap: refuse requests asking for more new tokens (None: only the context bounds).
     """
     state = ServeState(engine, sync_timeout_s, max_new_tokens_cap, host, port)
-    server = ThreadingHTTPServer((host, port), make_handler(state))
+    server = ServeHTTPServer((host, port), make_handler(state))
     state.port = server.server_address[1]
-    server.daemon_threads = True
     return server
 
 
@@ -293,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
         # Bind first: a busy port should not cost a model load.
-        server = ThreadingHTTPServer((args.host, args.port), BaseHTTPRequestHandler)  # handler set once loaded
-        server.daemon_threads = True
+        server = ServeHTTPServer((args.host, args.port), BaseHTTPRequestHandler)  # handler set once loaded
     except OSError as exc:
         reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         return _startup_error(f"cannot listen on {args.host}:{args.port}: {reason}")
