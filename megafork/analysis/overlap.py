@@ -123,13 +123,14 @@ def overlap_analysis(base_dir: str | Path, run_dir: str | Path, prompts: int = 1
     model = build_qwen3(hf, opts, groups, padded_vocab=padded_vocab_size(hf.vocab_size, cfg.parallel.tp,
                                                                            opts.vocab_multiple))
     load_hf_weights(model, base, groups)
-    ref = score(model, sequences, temp, cfg.model.head_chunk_tokens)
+    chunk = cfg.model.head_chunk_tokens or None  # 0: the op's own bounded chunk, as in the trainer
+    ref = score(model, sequences, temp, chunk)
     ratio = cfg.forking.ratio
     rows = [{"step": 0, "checkpoint": str(base), "overlap": 1.0, "entropy_mean": float(ref.entropy.mean()),
              "tokens": int(ref.entropy.numel())}]
     for step, path in ckpts:
         load_checkpoint(path, [model], None, None, groups, load_optimizer=False)
-        got = score(model, sequences, temp, cfg.model.head_chunk_tokens)
+        got = score(model, sequences, temp, chunk)
         rows.append({"step": step, "checkpoint": str(path), "overlap": top_overlap(ref.entropy, got.entropy, ratio),
                      "entropy_mean": float(got.entropy.mean()), "tokens": int(got.entropy.numel())})
         log(f"[overlap] step {step}: {rows[-1]['overlap']:.4f}")
