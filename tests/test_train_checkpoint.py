@@ -152,7 +152,9 @@ def _killed_save_main(hf_dir: str, root: str, marker: str, weights_file: str) ->
     ckpt.save_checkpoint(root, 1, [ddp], optimizer, scheduler, groups, extra={"data": {"position": 1}})
     torch.save(_weights(ddp), weights_file)
     _train_step(ddp, optimizer, scheduler, groups)
-    real_fsync_dir = ckpt._fsync_dir
+    from megafork.train import checkpoint_commit
+
+    real_fsync_dir = checkpoint_commit._fsync_dir
 
     def hang_before_rename(path: Path) -> None:
         real_fsync_dir(path)  # everything, the meta file included, is on disk; only the rename is left
@@ -160,7 +162,7 @@ def _killed_save_main(hf_dir: str, root: str, marker: str, weights_file: str) ->
             Path(marker).write_text(path.name)
             time.sleep(300)
 
-    ckpt._fsync_dir = hang_before_rename
+    checkpoint_commit._fsync_dir = hang_before_rename  # where `_publish` looks it up
     ckpt.save_checkpoint(root, 2, [ddp], optimizer, scheduler, groups, extra={"data": {"position": 2}})
 
 

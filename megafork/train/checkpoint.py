@@ -58,31 +58,32 @@ rank is restored last. RNG state of objects the loop owns (e.g. a `torch.Generat
 engine) must travel in `extra`/`rank_extra`. The RNG states are restored only when the world size
 and the TP/PP/CP/DP layout equal the saved ones (otherwise ranks do not correspond; a warning says so).
 
-dist_checkpointing writes each rank's shards in forked writer processes (megatron's
-`FileSystemWriterAsync`, `thread_count` of them; on a CPU-only torch `megafork.compat` writes them
-in-process instead). Its result queue would be created through a *spawn*-context Manager, a
-process that re-imports `__main__` (seconds per process, and a hazard for scripts without an
-`if __name__ == "__main__":` guard); the queue is only read by the saving process in a synchronous
-save, so `sync_save_strategy` gives megatron a plain `queue.Queue` instead (reusable by any
-`dist_checkpointing.save(..., sharded_strategy=sync_save_strategy())`).
+The atomic commit lives in `megafork.train.checkpoint_commit`, the megatron state dict pieces (and
+`sync_save_strategy`) in `megafork.train.checkpoint_state`, naming and validation in
+`megafork.train.checkpoint_layout`; this module re-exports their public names.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import pickle
-import queue
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 # Re-exported: together with this module they are the public checkpoint API.
+from megafork.train.checkpoint_commit import (  # noqa: F401
+    _barrier,
+    _broadcast_str,
+    _fsync_file,
+    _is_rank0,
+    _publish,
+    _raise_everywhere,
+    _remove_stale,
+    _world,
+)
 from megafork.train.checkpoint_layout import (  # noqa: F401
     _STEP_RE,
     _TMP_RE,
@@ -100,7 +101,19 @@ from megafork.train.checkpoint_layout import (  # noqa: F401
     step_dir_name,
     validate_checkpoint,
 )
-from megafork.train.storage import StorageError, storage_error
+from megafork.train.checkpoint_state import (  # noqa: F401
+    _OPTIMIZER_METADATA,
+    _init_distributed_state,
+    _is_distributed,
+    _layout,
+    _model_sharded_state,
+    _optimizer_has_state,
+    _rank_object,
+    _restore_adam_steps,
+    _schedule_changes,
+    sync_save_strategy,
+)
+from megafork.train.storage import StorageError, storage_error  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -122,95 +135,6 @@ class LoadedCheckpoint:
     extra: dict
     rank_extra: object
     meta: dict = field(repr=False)
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _broadcast_str(text: str | None) -> str:
-    if not dist.is_initialized():
-        return text
-    box = [text]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)  # a directory fd can be fsynced on POSIX; makes renames/creations durable
-
-
-def _model_sharded_state(model_chunks: list) -> dict:
-    # `chunk.module`: the DDP wrapper would prefix every key with "module."; the plain keys keep
-    # the model part loadable by megafork.models.qwen3.checkpoint and megatron tools.
-    modules = [getattr(c, "module", c) for c in model_chunks]
-    if len(modules) == 1:
-        return {"model": modules[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
-
-
-def _optimizer_has_state(optimizer) -> bool:
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return any(len(o.optimizer.state) > 0 for o in inner)
-
-
-def _rank_object(rank: int, world: int, payload: bytes | None):
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    return ShardedObject("megafork.rank_state", payload, (world,), (rank,), replica_id=0)
-
-
-def sync_save_strategy(thread_count: int = 2):
-    """megatron's torch_dist save strategy for synchronous saves, without the spawn-context Manager.
-
-    Args:
-        thread_count: writer buckets (files) per rank.
-    """
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
-    # See the module docstring: a synchronous save only reads this queue in this process.
-    if getattr(filesystem_async, "_results_queue", None) is None:
-        filesystem_async._results_queue = queue.Queue()
-    return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=thread_count)
-
-
-def _remove_stale(root: Path, keep: set[str]) -> None:
-    for p in root.iterdir():
-        if _TMP_RE.match(p.name) and p.name not in keep:
-            logger.info("removing leftover %s (from an interrupted save or prune)", p)
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def _prune(root: Path, keep_last: int, protect: Path, nonce: str) -> None:
-    if keep_last <= 0:
-        return
-    complete = list_checkpoints(root)
-    for old in complete[:-keep_last]:
-        if old.resolve() == protect.resolve():
-            continue
-        doomed = old.with_name(f"{old.name}.deleting-{nonce}")
-        os.rename(old, doomed)  # atomic: the checkpoint name disappears at once
-        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer, scheduler, groups,
@@ -285,117 +209,6 @@ def save_checkpoint(root: str | Path, step: int, model_chunks: list, optimizer, 
             failure = storage_error(exc, root, what)
     _raise_everywhere(failure)
     return final
-
-
-def _raise_everywhere(failure: StorageError | None) -> None:
-    """Rank 0's failure (or None) reaches every rank, which all raise it instead of waiting in a barrier."""
-    message = _broadcast_str(None if failure is None else str(failure))
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise StorageError("rank 0", message)
-
-
-# The distributed optimizer's layout on disk: each rank writes its own contiguous shard of the Adam
-# state (parallel, no gather); it reloads under any DP size but the same TP/PP. megatron's default
-# ("fully_sharded_model_space") needs flattened ShardedTensors, which this dist_checkpointing refuses.
-# The plain optimizer ignores this key.
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-
-
-def _is_distributed(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return any(isinstance(o, DistributedOptimizer) for o in inner)
-
-
-def _publish(root: Path, tmp: Path, final: Path, step: int, world: int, model_keys: list, has_opt_state: bool,
-             scheduler, groups, nonce: str, keep_last: int, distributed: bool = False) -> None:
-    """Rank 0: write the meta file, rename the save into place, repoint `latest`, prune."""
-    meta = {
-        "format_version": FORMAT_VERSION, "step": int(step), "world_size": world, "model_keys": model_keys,
-        "has_optimizer_state": has_opt_state, "has_scheduler": scheduler is not None,
-        "distributed_optimizer": distributed, "layout": _layout(groups),
-        "megatron_core": _megatron_version(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    for f in tmp.iterdir():
-        if f.is_file() and not f.name.startswith("__"):
-            _fsync_file(f)
-    meta_path = tmp / META_FILE
-    meta_path.write_text(json.dumps(meta, indent=2))
-    _fsync_file(meta_path)
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old
-        old = root / f"{final.name}.replaced-{nonce}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    pointer_tmp = root / f"{LATEST_FILE}.tmp-{nonce}"
-    pointer_tmp.write_text(final.name + "\n")
-    _fsync_file(pointer_tmp)
-    os.replace(pointer_tmp, root / LATEST_FILE)
-    _fsync_dir(root)
-    _prune(root, keep_last, protect=final, nonce=nonce)
-
-
-def _init_distributed_state(optimizer) -> None:
-    """Give a fresh DistributedOptimizer's torch Adam zero state (step, exp_avg, exp_avg_sq) to load into.
-
-    Without apex/TE, megatron reads the step from every Adam state entry when it builds the
-    loading state dict; torch.optim.Adam creates them only at its first step. The values are
-    placeholders: the load overwrites every one of them.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        if not isinstance(opt, DistributedOptimizer):
-            continue
-        for group in opt.optimizer.param_groups:
-            for p in group["params"]:
-                st = opt.optimizer.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-
-
-def _restore_adam_steps(optimizer) -> None:
-    """Give every torch Adam state entry of a loaded DistributedOptimizer its own, saved `step`.
-
-    Without apex/TE, megatron's `DistributedOptimizer.load_state_dict` (megatron-core 0.16) keeps
-    the step of a torch Adam in the param groups (`group["step"]`), then (1) writes one shared
-    tensor into every parameter's state, which torch Adam increments in place once per parameter,
-    and (2) overwrites it with the per-parameter "step" of the dp_reshardable shards, which
-    dist_checkpointing does not store (the loading template's placeholder comes back). The
-    group's step is the saved one; each entry gets its own copy of it.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        if not isinstance(opt, DistributedOptimizer):
-            continue
-        for group in opt.optimizer.param_groups:
-            if group.get("step") is None:
-                continue
-            for p in group["params"]:
-                st = opt.optimizer.state.get(p)
-                if st and "step" in st:
-                    st["step"] = torch.tensor(float(group["step"]), dtype=st["step"].dtype)
-
-
-def _layout(groups) -> dict:
-    return {"tp": groups.tp_size, "pp": groups.pp_size, "cp": groups.cp_size, "dp": groups.dp_size}
-
-
-def _megatron_version() -> str:
-    try:
-        from megatron.core.package_info import __version__
-    except ImportError:  # pragma: no cover - every supported version has it
-        return "unknown"
-    return __version__
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,16 +309,6 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer, scheduler, 
         rank_extra = rank_state["rank_extra"]
         restore_rng_state(rank_state["rng"])  # last: the loads above must not move any RNG after this
     return LoadedCheckpoint(path=p, step=int(meta["step"]), extra=extra, rank_extra=rank_extra, meta=meta)
-
-
-def _schedule_changes(scheduler, saved: dict) -> list[str]:
-    """'name: saved -> now' for each schedule setting that differs from the checkpoint's."""
-    pairs = (("lr", "max_lr", "max_lr"), ("min_lr", "min_lr", "min_lr"),
-             ("warmup steps", "lr_warmup_steps", "lr_warmup_steps"),
-             ("decay steps", "lr_decay_steps", "lr_decay_steps"), ("decay style", "lr_decay_style", "lr_decay_style"),
-             ("weight-decay steps", "wd_incr_steps", "wd_incr_steps"))
-    return [f"{name} {saved[key]} -> {getattr(scheduler, attr)}" for name, key, attr in pairs
-            if key in saved and saved[key] != getattr(scheduler, attr)]
 
 
 # --------------------------------------------------------------------------------------------------
