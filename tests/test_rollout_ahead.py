@@ -30,11 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from megafork.rewards import register_reward
 from megafork.rollout import launch_servers, stop_servers
 from megafork.rollout.httpjson import request_json
 from megafork.rollout.types import RolloutError
 from megafork.testing import run_ranks
+from megafork.testing.loop_worker import loop_worker
 from megafork.testing.multirank import free_port
 from megafork.testing.replay_proxy import ReplayProxy
 from megafork.testing.tiny_qwen3 import make_tiny_qwen3
@@ -43,39 +43,6 @@ from megafork.train.config_types import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING = ("seconds_", "tokens_per_second")
-
-
-
-@register_reward("test_ahead_has_digit")
-def has_digit(response: str, answer: str) -> float:
-    """+1 when the response contains a digit: about half of a random char-level model's answers."""
-    return 1.0 if any(c.isdigit() for c in response) else -1.0
-
-
-class _Interrupted(Exception):
-    pass
-
-
-def _loop_worker(rank, world, cfg_dict, interrupt_after):
-    """Run `train(cfg)`; with `interrupt_after`, die (like a killed job) right after that checkpoint."""
-    from megafork.train import checkpoint
-    from megafork.train.config import Config
-    from megafork.train.loop import train
-
-    if interrupt_after:
-        real_save = checkpoint.save
-
-        def save_then_stop(run, run_dir, step, *args, **kwargs):
-            path = real_save(run, run_dir, step, *args, **kwargs)
-            if step == interrupt_after:
-                raise _Interrupted
-            return path
-
-        checkpoint.save = save_then_stop
-    try:
-        return train(Config.from_dict(cfg_dict))
-    except _Interrupted:
-        return None
 
 
 def _serve(model_dir: Path, attempts: int = 3):
@@ -113,7 +80,8 @@ def tiny(tmp_path_factory):
         "parallel": {"tp": 1, "pp": 1, "backend": "gloo"},  # DP=2 on 2 ranks
         "rollout": {"max_response_len": 6, "engine": "sglang", "sglang_urls": [proxy.url]},
         "algo": {"n": 4, "overlong_shaping": False, "dynamic_sampling": False, "rollout_correction": "token_tis"},
-        "data": {"train_path": str(root / "train.jsonl"), "reward": "test_ahead_has_digit", "max_prompt_len": 16},
+        "data": {"train_path": str(root / "train.jsonl"), "reward": "megafork.testing.rewards:has_digit",
+                 "max_prompt_len": 16},
         "optim": {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0},
         "train": {"steps": 4, "prompts_per_step": 4, "minibatch_prompts": 2, "micro_batch_size": 2,
                   "save_every": 2, "resume": "none", "seed": 3, "rollout_ahead": 1},
@@ -126,7 +94,7 @@ def tiny(tmp_path_factory):
 
 def test_staleness_versions_and_resume(tiny):
     root, proxy, url, cfg = tiny
-    run_ranks(_loop_worker, 2, args=(_named(cfg, "straight"), 0), init_process_group=False, timeout=400)
+    run_ranks(loop_worker, 2, args=(_named(cfg, "straight"), 0), init_process_group=False, timeout=400)
     straight = _rows(root / "runs" / "straight")
     assert [r["step"] for r in straight] == [1, 2, 3, 4]
     assert straight[0]["staleness_mean"] == straight[0]["staleness_max"] == 0.0
@@ -140,13 +108,13 @@ def test_staleness_versions_and_resume(tiny):
     assert straight[0]["grad_norm"] > 0 and any(0.0 < r["accuracy"] < 1.0 for r in straight)
 
     split = _named(cfg, "split")
-    assert run_ranks(_loop_worker, 2, args=(split, 2), init_process_group=False, timeout=400) == [None, None]
+    assert run_ranks(loop_worker, 2, args=(split, 2), init_process_group=False, timeout=400) == [None, None]
     # The killed job left its weight-update group open on the server; clear it as an operator would.
     status, _ = request_json(url, "/destroy_weights_update_group", {"group_name": "weight_update_group"})
     assert status == 200
     proxy.replay, proxy.requests = True, []
     split["train"]["resume"] = "auto"
-    run_ranks(_loop_worker, 2, args=(split, 0), init_process_group=False, timeout=400)
+    run_ranks(loop_worker, 2, args=(split, 0), init_process_group=False, timeout=400)
     assert len(proxy.requests) >= 2 and proxy.hits == len(proxy.requests), \
         f"the resumed run asked {len(proxy.requests) - proxy.hits} requests the straight run never made"
     resumed = _rows(root / "runs" / "split")
@@ -198,7 +166,7 @@ def test_learns_on_the_demo_task_one_step_ahead(tmp_path):
                       "save_every": 0, "resume": "none", "seed": 1234, "rollout_ahead": 1},
             "log": {"dir": str(tmp_path / "runs"), "run_name": "learn", "tensorboard": False, "progress_bar": False},
         }
-        run_ranks(_loop_worker, 1, args=(cfg, 0), init_process_group=False, timeout=900)
+        run_ranks(loop_worker, 1, args=(cfg, 0), init_process_group=False, timeout=900)
     finally:
         stop_servers(procs)
     rows = _rows(tmp_path / "runs" / "learn")

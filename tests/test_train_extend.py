@@ -13,9 +13,10 @@ import json
 import math
 
 import pytest
-from test_train_loop import _config, _loop_worker, _rows, _write_data
+from test_train_loop import _config, _rows, _write_data
 
 from megafork.testing import run_ranks
+from megafork.testing.loop_worker import loop_worker
 from megafork.testing.multirank import RankFailure
 
 
@@ -28,12 +29,12 @@ def test_finished_run_extends_with_a_new_schedule(tmp_path):
         return _config(hf, train, heldout, tmp_path / "runs", log={"run_name": "ext"},
                        train={"steps": 2, "save_every": 2, "resume": "auto", **train_keys}, **common)
 
-    (first,) = run_ranks(_loop_worker, 1, args=(cfg(), 0), init_process_group=False, timeout=300)
+    (first,) = run_ranks(loop_worker, 1, args=(cfg(), 0), init_process_group=False, timeout=300)
     assert first["steps"] == 2 and first["wall_seconds"] == first["wall_seconds_since_resume"] > 0
     with pytest.raises(RankFailure, match=r"LR schedule differs .*decay steps 2 -> 4.*train.extend_steps=true"):
-        run_ranks(_loop_worker, 1, args=(cfg(steps=4), 0), init_process_group=False, timeout=300)
+        run_ranks(loop_worker, 1, args=(cfg(steps=4), 0), init_process_group=False, timeout=300)
 
-    (second,) = run_ranks(_loop_worker, 1, args=(cfg(steps=4, extend_steps=True), 0), init_process_group=False,
+    (second,) = run_ranks(loop_worker, 1, args=(cfg(steps=4, extend_steps=True), 0), init_process_group=False,
                           timeout=300)
     rows = _rows(tmp_path / "runs" / "ext")
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]

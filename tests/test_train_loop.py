@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megafork.rewards import register_reward
 from megafork.testing import run_ranks
+from megafork.testing.loop_worker import loop_worker
 from megafork.testing.tiny_qwen3 import make_tiny_qwen3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,12 +34,6 @@ DOCUMENTED_KEYS = {
     "tokens_per_second", "loss", "lr",
     "mismatch_kl", "is_weight_mean", "is_weight_max", "is_truncated_fraction", "is_masked_fraction",
 }
-
-
-@register_reward("test_has_digit")
-def has_digit(response: str, answer: str) -> float:
-    """+1 when the response contains a digit: about half of a random char-level model's answers."""
-    return 1.0 if any(c.isdigit() for c in response) else -1.0
 
 
 def _write_data(root: Path) -> tuple[Path, Path, Path]:
@@ -119,32 +113,6 @@ def test_two_step_smoke_run_through_the_cli_at_tp2(tmp_path):
     assert list(run_dir.glob("events.out.tfevents.*")), "tensorboard events expected"
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _loop_worker(rank, world, cfg_dict, interrupt_after):
-    """Run `train(cfg)`; with `interrupt_after`, die (like a killed job) right after that checkpoint."""
-    from megafork.train import checkpoint
-    from megafork.train.config import Config
-    from megafork.train.loop import train
-
-    if interrupt_after:
-        real_save = checkpoint.save
-
-        def save_then_stop(run, run_dir, step, *args, **kwargs):
-            path = real_save(run, run_dir, step, *args, **kwargs)
-            if step == interrupt_after:
-                raise _Interrupted
-            return path
-
-        checkpoint.save = save_then_stop
-    try:
-        return train(Config.from_dict(cfg_dict))
-    except _Interrupted:
-        return None
-
-
 # Depend on the machine's clock, not on the run's state.
 _TIMING = ("seconds_", "tokens_per_second")
 
@@ -157,17 +125,17 @@ LAYOUT_KEYS = {"pad_fraction", "dp_token_imbalance", "microbatches_per_rank", "m
 def test_resume_is_bit_exact_at_dp2(tmp_path, packing):
     hf, train, heldout = _write_data(tmp_path)
     layout = {"max_tokens_per_microbatch": 24, "dp_balance": "kk"} if packing else {}
-    common = dict(algo={"n": 4}, data={"reward": "test_has_digit"}, optim={"lr": 1e-2},
+    common = dict(algo={"n": 4}, data={"reward": "megafork.testing.rewards:has_digit"}, optim={"lr": 1e-2},
                   train={"steps": 4, "save_every": 2, **layout}, eval={"every": 2})
     straight = _config(hf, train, heldout, tmp_path / "runs", log={"run_name": "straight"}, **common)
     split = _config(hf, train, heldout, tmp_path / "runs", log={"run_name": "split"}, **common)
     resumed = _config(hf, train, heldout, tmp_path / "runs", log={"run_name": "split"},
                       **{**common, "train": {**common["train"], "resume": "auto"}})
 
-    want = run_ranks(_loop_worker, 2, args=(straight, 0), init_process_group=False, timeout=300)[0]
-    assert run_ranks(_loop_worker, 2, args=(split, 2), init_process_group=False, timeout=300) == [None, None]
+    want = run_ranks(loop_worker, 2, args=(straight, 0), init_process_group=False, timeout=300)[0]
+    assert run_ranks(loop_worker, 2, args=(split, 2), init_process_group=False, timeout=300) == [None, None]
     assert [r["step"] for r in _rows(tmp_path / "runs" / "split")] == [0, 1, 2]
-    got = run_ranks(_loop_worker, 2, args=(resumed, 0), init_process_group=False, timeout=300)[0]
+    got = run_ranks(loop_worker, 2, args=(resumed, 0), init_process_group=False, timeout=300)[0]
 
     a, b = _rows(tmp_path / "runs" / "straight"), _rows(tmp_path / "runs" / "split")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4]
@@ -196,13 +164,13 @@ def test_resume_is_bit_exact_at_dp2(tmp_path, packing):
 def test_pp2_loop_matches_one_process(tmp_path):
     """The loop at PP=2 (1F1B, rank 0 on the first stage) reports what a single process computes."""
     hf, train, heldout = _write_data(tmp_path)
-    common = dict(algo={"n": 4}, data={"reward": "test_has_digit"}, optim={"lr": 1e-2},
+    common = dict(algo={"n": 4}, data={"reward": "megafork.testing.rewards:has_digit"}, optim={"lr": 1e-2},
                   train={"steps": 2, "save_every": 0}, eval={"every": 0})
     one = _config(hf, train, heldout, tmp_path / "runs", log={"run_name": "one"}, **common)
     pp2 = _config(hf, train, heldout, tmp_path / "runs", log={"run_name": "pp2"},
                   parallel={"tp": 1, "pp": 2, "backend": "gloo"}, **common)
-    run_ranks(_loop_worker, 1, args=(one, 0), init_process_group=False, timeout=300)
-    run_ranks(_loop_worker, 2, args=(pp2, 0), init_process_group=False, timeout=300)
+    run_ranks(loop_worker, 1, args=(one, 0), init_process_group=False, timeout=300)
+    run_ranks(loop_worker, 2, args=(pp2, 0), init_process_group=False, timeout=300)
 
     a, b = _rows(tmp_path / "runs" / "one")[1:], _rows(tmp_path / "runs" / "pp2")[1:]
     assert len(a) == len(b) == 2

@@ -11,9 +11,8 @@ contain a digit?") makes about half of the random model's answers right, so step
 the weights; step 2's `logprob_gap` is then only small if the server sampled step 2 with the
 weights synced after step 1.
 
-The reward is a plugin the torchrun processes must see: `megafork train` has no way to import
-user code, so the test puts a `sitecustomize.py` that registers it on the trainer's PYTHONPATH
-(a reward registered in this pytest process alone would be unknown to them).
+The reward must be importable in the torchrun processes (one registered in this pytest process
+alone would be unknown to them), so the config names it as `megafork.testing.rewards:has_digit`.
 """
 from __future__ import annotations
 
@@ -36,16 +35,6 @@ from megafork.testing.tiny_qwen3 import make_tiny_qwen3
 
 REPO = Path(__file__).resolve().parents[1]
 
-REWARD_PLUGIN = '''\
-"""Registers the test reward in every Python process of the trainer run (tests/test_train_sglang.py)."""
-from megafork.rewards import register_reward
-
-
-@register_reward("test_sglang_has_digit")
-def has_digit(response, answer):
-    return 1.0 if any(c.isdigit() for c in response) else -1.0
-'''
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
@@ -58,15 +47,14 @@ def workdir(tmp_path_factory) -> Path:
     with (root / "heldout.jsonl").open("w") as f:
         for a in range(4):
             f.write(json.dumps({"prompt": f"{a}*2=", "answer": str(2 * a)}) + "\n")
-    (root / "plugins").mkdir()
-    (root / "plugins" / "sitecustomize.py").write_text(REWARD_PLUGIN)
     cfg = {
         "model": {"hf_path": str(root / "hf"), "dtype": "float32", "head_chunk_tokens": 64},
         "parallel": {"tp": 2, "pp": 1, "backend": "gloo"},
         "rollout": {"max_response_len": 6, "batch_size": 64, "engine": "sglang"},
         "algo": {"n": 4, "overlong_shaping": False, "dynamic_sampling": False},
         "forking": {"ratio": 0.2, "mode": "top", "scope": "step"},
-        "data": {"train_path": str(root / "train.jsonl"), "reward": "test_sglang_has_digit", "max_prompt_len": 16},
+        "data": {"train_path": str(root / "train.jsonl"), "reward": "megafork.testing.rewards:has_digit",
+                 "max_prompt_len": 16},
         "optim": {"lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0},
         "train": {"steps": 2, "prompts_per_step": 4, "minibatch_prompts": 2, "micro_batch_size": 2,
                   "save_every": 0, "resume": "none", "seed": 3},
@@ -90,8 +78,7 @@ def server(workdir):
 
 
 def _train(workdir: Path, *overrides: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(workdir / "plugins"), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megafork",
          "train", "--config", str(workdir / "run.yaml"), *overrides],

@@ -149,19 +149,14 @@ def overlap_markdown(rows: list[dict]) -> str:
 
 
 def plot_overlap(rows: list[dict], path: Path) -> Path:
-    import matplotlib
+    from megafork.analysis.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["step"] for r in rows], [100 * r["overlap"] for r in rows], marker="o")
     ax.set_xlabel("RL step")
     ax.set_ylabel(f"top-{rows[0]['ratio']:g} position overlap with base (%)")
     ax.set_ylim(min(50.0, math.floor(min(100 * r["overlap"] for r in rows))), 100.5)
     ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

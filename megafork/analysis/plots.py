@@ -17,7 +17,8 @@ from megafork.analysis.io import METRIC_ACCURACY, METRIC_EVAL_ACCURACY, METRIC_R
 ENTROPY_FLOOR = 1e-6  # the log-scale histogram needs a floor; tokens below it share the first bin
 
 
-def _pyplot():
+def pyplot():
+    """`matplotlib.pyplot` on the Agg backend (no display needed); every megafork plot starts here."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -26,11 +27,18 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: str | Path) -> Path:
+def save_figure(fig, out: str | Path, dpi: int = 110) -> Path:
+    """Write `fig` as a PNG (creating its folder), trimmed to its content, and close it.
+
+    Args:
+        fig: a figure from `pyplot()`.
+        out: PNG path.
+        dpi: resolution.
+    """
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    fig.savefig(p, dpi=dpi, bbox_inches="tight")
+    pyplot().close(fig)
     return p
 
 
@@ -45,7 +53,7 @@ def plot_training_curves(rows: Sequence[dict], out: str | Path) -> Path:
               for key in (METRIC_REWARD, METRIC_ACCURACY, METRIC_EVAL_ACCURACY)}
     if not any(series.values()):
         raise ValueError(f"plot_training_curves: expected rows with any of {list(series)}, found none")
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_r, ax_a) = plt.subplots(1, 2, figsize=(10, 3.8))
     if series[METRIC_REWARD]:
         ax_r.plot(*zip(*series[METRIC_REWARD]), marker=".", label="train reward (mean)")
@@ -63,7 +71,7 @@ def plot_training_curves(rows: Sequence[dict], out: str | Path) -> Path:
     ax_a.set_title("accuracy")
     ax_a.grid(alpha=0.3)
     ax_a.legend()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_entropy_histogram(entropy: torch.Tensor, threshold: float, out: str | Path, bins: int = 60,
@@ -84,7 +92,7 @@ def plot_entropy_histogram(entropy: torch.Tensor, threshold: float, out: str | P
         raise ValueError("plot_entropy_histogram: expected at least one entropy value, found none")
     hi = max(float(e.max()), threshold, ENTROPY_FLOOR * 10) * 1.5
     edges = np.logspace(np.log10(ENTROPY_FLOOR), np.log10(hi), bins + 1)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     ax.hist(e, bins=edges, color="#4c72b0")
     ax.set_xscale("log")
@@ -96,7 +104,7 @@ def plot_entropy_histogram(entropy: torch.Tensor, threshold: float, out: str | P
     ax.set_ylabel("tokens (log scale)")
     ax.set_title(title)
     ax.legend()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_token_frequencies(forking: Counter, low: Counter, decode: Callable[[int], str], out: str | Path,
@@ -110,7 +118,7 @@ def plot_token_frequencies(forking: Counter, low: Counter, decode: Callable[[int
         out: PNG path.
         top: bars per chart.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, max(3.0, 0.26 * top + 1)))
     for ax, counts, name, color in ((axes[0], forking, "forking (high-entropy) tokens", "#c44e52"),
                                     (axes[1], low, "low-entropy tokens", "#4c72b0")):
@@ -122,4 +130,4 @@ def plot_token_frequencies(forking: Counter, low: Counter, decode: Callable[[int
         ax.set_xlabel("count")
         ax.set_title(f"top {min(top, len(counts))} {name}")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)

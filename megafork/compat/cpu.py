@@ -45,6 +45,7 @@ inference tracker, whose fork() is a no-op, with dropout 0) and the causal mask 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import types
 
@@ -149,29 +150,30 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
             g.mul_(clip_coeff)
 
 
-def _tensor_cuda_is_identity(method):
-    """Wrap `method` so that `Tensor.cuda()` inside it keeps the tensor where it is."""
+def _with_tensor_method(method, name: str, make_replacement):
+    """Wrap `method` so that `torch.Tensor.<name>` is `make_replacement(original)` while it runs."""
 
+    @functools.wraps(method)
     def wrapped(*args, **kwargs):
-        original = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda self, *a, **k: self
+        original = getattr(torch.Tensor, name)
+        setattr(torch.Tensor, name, make_replacement(original))
         try:
             return method(*args, **kwargs)
         finally:
-            torch.Tensor.cuda = original
+            setattr(torch.Tensor, name, original)
 
-    wrapped.__name__ = method.__name__
-    wrapped.__doc__ = method.__doc__
-    wrapped.__wrapped__ = method
     return wrapped
+
+
+def _tensor_cuda_is_identity(method):
+    """Wrap `method` so that `Tensor.cuda()` inside it keeps the tensor where it is."""
+    return _with_tensor_method(method, "cuda", lambda original: lambda self, *a, **k: self)
 
 
 def _tensor_type_names_cuda(method):
     """Wrap `method` so that `Tensor.type()` inside it reports CPU tensors as their CUDA type."""
 
-    def wrapped(*args, **kwargs):
-        original = torch.Tensor.type
-
+    def make_type(original):
         def type_(self, dtype=None, non_blocking=False, **kw):
             if dtype is None and not kw:
                 name = original(self)
@@ -180,16 +182,9 @@ def _tensor_type_names_cuda(method):
                 return name
             return original(self, dtype, non_blocking, **kw)
 
-        torch.Tensor.type = type_
-        try:
-            return method(*args, **kwargs)
-        finally:
-            torch.Tensor.type = original
+        return type_
 
-    wrapped.__name__ = method.__name__
-    wrapped.__doc__ = method.__doc__
-    wrapped.__wrapped__ = method
-    return wrapped
+    return _with_tensor_method(method, "type", make_type)
 
 
 def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue):

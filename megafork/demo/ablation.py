@@ -140,11 +140,9 @@ def markdown_table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> Path:
     """Held-out accuracy against step: one line per row (mean over seeds) with a ±1 sd band."""
-    import matplotlib
+    from megafork.analysis.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in result["rows"]:
         curves = [r["curve"] for r in result["runs"] if r["row"] == name]
@@ -160,11 +158,8 @@ def plot(result: dict, path: Path) -> Path:
     ax.set_title("token ablation, mean ± 1 sd over seeds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def estimate_seconds(out: Path, pending: int, steps: int, seeds: list[int], rows: list[Row],
