@@ -1,4 +1,4 @@
-"""Builds the C++ extension megafork._C (radix-select histograms) with pybind11.
+"""Builds the C++ extension megafork._C (radix-select histograms, SGLang reply parsing) with pybind11.
 
 The extension works on numpy buffers, so it compiles without torch headers.
 """
@@ -7,7 +7,7 @@ from setuptools import setup
 
 ext = Pybind11Extension(
     "megafork._C",
-    sources=["csrc/radix_hist.cpp"],
+    sources=["csrc/radix_hist.cpp", "csrc/sglang_reply.cpp"],
     cxx_std=17,
     extra_compile_args=["-O3"],
     extra_link_args=["-pthread"],

@@ -134,11 +134,14 @@ py::array_t<int64_t> radix_histogram(py::array values, py::object mask, int shif
 
 }  // namespace
 
+void register_sglang_reply(py::module_& m);  // csrc/sglang_reply.cpp
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "megafork C++ kernels: radix-select histograms over float32 bit patterns";
+  m.doc() = "megafork C++ kernels: radix-select histograms over float32 bit patterns; SGLang reply parsing";
   m.attr("NUM_BINS") = kBins;
   m.def("radix_histogram", &radix_histogram, py::arg("values"), py::arg("mask"), py::arg("shift"),
         py::arg("match_high") = -1, py::arg("num_threads") = 1,
         "2^16-bin int64 histogram of (bits >> shift) & 0xFFFF over float32 values where mask is true; "
         "with match_high >= 0 only values whose high 16 bits equal it are counted. -0.0 counts as +0.0.");
+  register_sglang_reply(m);
 }

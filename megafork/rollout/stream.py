@@ -5,9 +5,10 @@
 
 Each prompt's n samples are one `/generate` request (SGLang's parallel sampling, `rid` set so the
 request can be aborted). At most `max_inflight_per_server` requests are open per server. A reply
-is parsed in the worker thread that received it into one `GroupResult`: the n responses as one
-int32 id array and one float32 log-prob array with offsets, so a step's responses cost 8 bytes per
-generated token plus a small per-group overhead, never Python lists of floats.
+is read into a receive buffer reused across requests and parsed from it, in the worker thread that
+received it and without the GIL, into one `GroupResult` (`megafork.rollout.reply`): the n responses
+as one int32 id array and one float32 log-prob array with offsets, so a step's responses cost 8
+bytes per generated token plus a small per-group overhead, never Python lists of floats.
 
 Failures:
 - a timeout or a 5xx is retried on another server (when there is one), at most `retries` times
@@ -26,7 +27,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import threading
 import time
 import urllib.parse
 import uuid
@@ -36,11 +36,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 from megafork.rollout.httpjson import request_json
+from megafork.rollout.reply import GroupResult, ReplyBuffers, decode_reply, parse_group  # noqa: F401 (re-exported)
 from megafork.rollout.sampling import sample_seed
-from megafork.rollout.types import RolloutError, Sample, SamplingParams
+from megafork.rollout.types import RolloutError, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -71,44 +70,6 @@ class StreamConfig:
             raise ValueError(f"rollout.request_timeout_s: expected > 0, found {self.request_timeout_s!r}")
         if not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"rollout.request_retries: expected an integer >= 0, found {self.retries!r}")
-
-
-@dataclass
-class GroupResult:
-    """The n responses of one prompt, stored compactly.
-
-    Attributes:
-        prompt_index: index of the prompt in the `run` call.
-        ids: int32 token ids of all responses, concatenated.
-        logprobs: float32 rollout log-probs, aligned with `ids`.
-        offsets: int64 [n + 1]; response j is `ids[offsets[j]:offsets[j + 1]]`.
-        finish_reasons: "stop" | "length" | "abort" per response.
-        weight_version: the server's weight version when the group finished.
-        url: the server that generated it.
-    """
-
-    prompt_index: int
-    ids: np.ndarray
-    logprobs: np.ndarray
-    offsets: np.ndarray
-    finish_reasons: list[str]
-    weight_version: str | None = None
-    url: str = ""
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.ids.shape[0])
-
-    @property
-    def aborted(self) -> bool:
-        return any(r == "abort" for r in self.finish_reasons)
-
-    def samples(self) -> list[Sample]:
-        """The responses as `Sample`s whose ids/log-probs are views into the group's arrays."""
-        o = self.offsets
-        return [Sample(prompt_index=self.prompt_index, response_ids=self.ids[o[j]:o[j + 1]],
-                       logprobs=self.logprobs[o[j]:o[j + 1]], finish_reason=r, weight_version=self.weight_version)
-                for j, r in enumerate(self.finish_reasons)]
 
 
 @dataclass
@@ -151,134 +112,6 @@ class _Server:
     reason: str = ""
 
 
-_LOGPROBS_KEY = b'"output_token_logprobs":'
-_IDS_KEY = b'"output_ids":'
-
-
-def decode_reply(raw: bytes, n: int, prompt_index: int, url: str) -> GroupResult:
-    """Decode the raw `/generate` reply for one prompt (n samples) into a `GroupResult`.
-
-    The `output_ids` lists and the `[logprob, token_id, null]` triples (the bulk of the reply)
-    are cut out of the bytes and parsed by numpy's C number parser straight into arrays; `json`
-    only sees the small remainder. Anything unexpected in those sections (token texts, say)
-    falls back to plain `json.loads`.
-
-    Raises:
-        RolloutError: the reply is not SGLang's shape (naming the URL and what is wrong).
-    """
-    cut = _cut_sections(raw, (_IDS_KEY, _LOGPROBS_KEY))
-    if cut is not None:
-        rest, sections = cut
-        ids = [_numbers(sec) for sec in sections[_IDS_KEY]]
-        lps = [_numbers(sec) for sec in sections[_LOGPROBS_KEY]]
-        if all(x is not None for x in ids + lps):
-            try:
-                payload = json.loads(rest)
-            except json.JSONDecodeError:
-                payload = None
-            if payload is not None:
-                return parse_group(payload, n, prompt_index, url, ids, lps)
-    try:
-        payload = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise RolloutError(f"{url}/generate (prompt {prompt_index}): reply is not JSON ({exc})") from exc
-    return parse_group(payload, n, prompt_index, url)
-
-
-def _cut_sections(raw: bytes, keys: tuple[bytes, ...]):
-    """Replace the flat-or-triple list after each key by `[]`; returns (rest, {key: [sections]}) or None."""
-    found = sorted((k, key) for key in keys for k in _find_all(raw, key))
-    pieces, sections, pos = [], {key: [] for key in keys}, 0
-    for k, key in found:
-        start = k + len(key)
-        while raw[start:start + 1] in (b" ", b"\n"):
-            start += 1
-        if raw[start:start + 1] != b"[" or start < pos:
-            return None
-        nested = raw[start + 1:start + 2] == b"["
-        end = raw.find(b"]]" if nested else b"]", start)
-        if end < 0:
-            return None
-        end += 2 if nested else 1
-        sections[key].append(raw[start:end])
-        pieces += [raw[pos:start], b"[]"]
-        pos = end
-    pieces.append(raw[pos:])
-    return b"".join(pieces), sections
-
-
-def _find_all(raw: bytes, key: bytes):
-    k = raw.find(key)
-    while k >= 0:
-        yield k
-        k = raw.find(key, k + len(key))
-
-
-def _numbers(section: bytes) -> np.ndarray | None:
-    """`[1, 2]` or `[[lp, id, null], ...]` -> float64 values in order (nulls dropped), or None if
-    the section holds anything but numbers and nulls."""
-    body = section.translate(None, b"[] \n").replace(b",null", b"")
-    if not body:
-        return np.zeros(0)
-    if b"null" in body or b'"' in body:
-        return None
-    return np.fromstring(body, sep=",")
-
-
-def parse_group(payload: object, n: int, prompt_index: int, url: str, id_arrays: list[np.ndarray] | None = None,
-                logprob_arrays: list[np.ndarray] | None = None) -> GroupResult:
-    """Turn a decoded `/generate` reply for one prompt (n samples) into a `GroupResult`.
-
-    Args:
-        payload: the decoded JSON (one item, or a list of n).
-        n: samples expected.
-        prompt_index, url: for the result and messages.
-        id_arrays, logprob_arrays: per item, the `output_ids` and the interleaved (logprob, id)
-            values already parsed by `decode_reply` (they are then empty in `payload`).
-
-    Raises:
-        RolloutError: the reply does not have SGLang's shape (naming the URL and what is missing).
-    """
-    items = payload if isinstance(payload, list) else [payload]
-    where = f"{url}/generate (prompt {prompt_index})"
-    if len(items) != n or (logprob_arrays is not None and not len(logprob_arrays) == len(id_arrays) == n):
-        raise RolloutError(f"{where}: expected {n} outputs, got {len(items)}")
-    ids_parts, lp_parts, reasons, version = [], [], [], None
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    for j, item in enumerate(items):
-        try:
-            ids = np.asarray(item["output_ids"] if id_arrays is None else id_arrays[j]).astype(np.int32)
-            meta = item["meta_info"]
-            lps = meta["output_token_logprobs"]
-            fr = meta.get("finish_reason")
-            reasons.append(fr["type"] if fr else "abort")
-            version = meta.get("weight_version", version)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RolloutError(f"{where}: output {j} lacks {exc} (expected output_ids and "
-                               "meta_info.output_token_logprobs / finish_reason)") from exc
-        if logprob_arrays is not None:
-            flat = logprob_arrays[j]
-            if flat.shape[0] != 2 * len(ids):
-                raise RolloutError(f"{where}: output {j}: {flat.shape[0] // 2} output_token_logprobs for "
-                                   f"{len(ids)} output_ids")
-            lp, check = flat[0::2].astype(np.float32), flat[1::2]
-        else:
-            if len(lps) != len(ids):
-                raise RolloutError(f"{where}: output {j}: {len(lps)} output_token_logprobs for {len(ids)} output_ids")
-            lp = np.fromiter((t[0] for t in lps), dtype=np.float32, count=len(lps))
-            check = np.fromiter((t[1] for t in lps), dtype=np.int64, count=len(lps))
-        if not np.array_equal(check, ids):
-            raise RolloutError(f"{where}: output {j}: output_token_logprobs do not match output_ids")
-        ids_parts.append(ids)
-        lp_parts.append(lp)
-        offsets[j + 1] = offsets[j] + len(ids)
-    for r in reasons:
-        if r not in ("stop", "length", "abort"):
-            raise RolloutError(f"{where}: finish_reason {r!r}: expected stop, length or abort")
-    return GroupResult(prompt_index, np.concatenate(ids_parts), np.concatenate(lp_parts), offsets, reasons,
-                       version, url)
-
-
 def generate_body(prompts: list[list[int]], sampling: SamplingParams, start: int, end: int) -> dict:
     """The `/generate` body for prompts[start:end] (their indices in the step are kept for seeds).
 
@@ -316,7 +149,6 @@ class StreamingClient:
             parsed = urllib.parse.urlsplit(u)
             if parsed.scheme != "http" or not parsed.hostname:
                 raise ValueError(f"rollout.sglang_urls: expected http://host:port, found {u!r}")
-        self._parse_lock = threading.Lock()
 
     def run(self, prompts: list[list[int]], sampling: SamplingParams,
             on_group: Callable[[GroupResult], bool] | None = None) -> StreamResult:
@@ -343,13 +175,14 @@ class StreamingClient:
         bar = _progress(cfg.progress, len(prompts) * sampling.n)
         pool = ThreadPoolExecutor(max_workers=len(servers) * cfg.max_inflight_per_server,
                                   thread_name_prefix="rollout-stream")
+        buffers = ReplyBuffers()  # one receive buffer per request in flight, reused for the whole call
         try:
             while pending or inflight:
                 alive = [s for s in servers if s.alive]
                 if not alive:
                     raise RolloutError("rollout: no SGLang server left; "
                                        + "; ".join(f"{s.url} dropped: {s.reason}" for s in servers))
-                self._fill(pending, alive, inflight, last_failed, prompts, sampling, pool, result)
+                self._fill(pending, alive, inflight, last_failed, prompts, sampling, pool, result, buffers)
                 done, _ = wait_futures(list(inflight), timeout=1.0, return_when=FIRST_COMPLETED)
                 stop = False
                 for fut in done:
@@ -379,12 +212,13 @@ class StreamingClient:
             pool.shutdown(wait=False, cancel_futures=True)
             if bar is not None:
                 bar.close()
+            buffers.clear()
         result.seconds = time.perf_counter() - t0
         return result
 
     # ------------------------------------------------------------------ internals
 
-    def _fill(self, pending, alive, inflight, last_failed, prompts, sampling, pool, result) -> None:
+    def _fill(self, pending, alive, inflight, last_failed, prompts, sampling, pool, result, buffers) -> None:
         """Hand pending prompts to the least-loaded servers with free slots, avoiding the server a
         prompt last failed on when another one can take it."""
         cap = self.config.max_inflight_per_server
@@ -401,16 +235,24 @@ class StreamingClient:
             body["rid"] = [f"{rid}.{j}" for j in range(len(body["input_ids"]))]
             server.inflight += 1
             result.requests += 1
-            inflight[pool.submit(self._request, server, body, sampling.n, idx)] = (idx, server, rid)
+            inflight[pool.submit(self._request, server, body, sampling.n, idx, buffers)] = (idx, server, rid)
 
-    def _request(self, server: _Server, body: dict, n: int, idx: int) -> GroupResult:
+    def _request(self, server: _Server, body: dict, n: int, idx: int, buffers: ReplyBuffers) -> GroupResult:
         data = json.dumps(body).encode()
         conn = http.client.HTTPConnection(server.host, server.port, timeout=self.config.request_timeout_s)
         try:
             conn.request("POST", "/generate", body=data, headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
-            raw = resp.read()
-            status = resp.status
+            # The reply is read into a reused buffer and parsed from it before the buffer goes back.
+            with buffers.body(resp) as raw:
+                if resp.status >= 500:
+                    raise _Failure("retryable", f"HTTP {resp.status}: {bytes(raw[:300])!r}")
+                if resp.status >= 400:
+                    raise _Failure("fatal", f"{server.url}/generate: HTTP {resp.status}: {bytes(raw[:500])!r}")
+                try:
+                    return decode_reply(raw, n, idx, server.url)
+                except RolloutError as exc:
+                    raise _Failure("fatal", str(exc)) from exc
         except TimeoutError as exc:
             raise _Failure("timeout", f"no answer within rollout.request_timeout_s={self.config.request_timeout_s:g}s "
                                       f"({exc})") from exc
@@ -418,15 +260,6 @@ class StreamingClient:
             raise _Failure("down", f"{type(exc).__name__}: {exc}") from exc
         finally:
             conn.close()
-        if status >= 500:
-            raise _Failure("retryable", f"HTTP {status}: {raw[:300]!r}")
-        if status >= 400:
-            raise _Failure("fatal", f"{server.url}/generate: HTTP {status}: {raw[:500]!r}")
-        try:
-            with self._parse_lock:  # one reply expanded at a time: bounded transient memory, same speed under the GIL
-                return decode_reply(raw, n, idx, server.url)
-        except RolloutError as exc:
-            raise _Failure("fatal", str(exc)) from exc
 
     def _failed(self, exc: _Failure, idx, server, servers, inflight, pending, attempts, last_failed, result) -> None:
         if exc.kind == "fatal":
