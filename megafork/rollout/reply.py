@@ -81,7 +81,7 @@ class ReplyBuffers:
     """
 
     def __init__(self):
-        self._free: list[bytearray] = []
+        self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
 
     @contextmanager
@@ -98,10 +98,12 @@ class ReplyBuffers:
             yield memoryview(resp.read())
             return
         with self._lock:
-            buf = self._free.pop() if self._free else bytearray()
+            buf = self._free.pop() if self._free else np.empty(0, dtype=np.uint8)
         try:
-            if len(buf) < length:
-                buf = bytearray(length + length // 8)  # headroom: the next reply may be a little longer
+            if buf.shape[0] < length:
+                # Uninitialised (unlike bytearray(n)): the headroom for a longer next reply costs
+                # no resident memory until it is written.
+                buf = np.empty(length + length // 8, dtype=np.uint8)
             with memoryview(buf) as view:
                 got = 0
                 while got < length:

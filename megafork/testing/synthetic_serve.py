@@ -15,8 +15,9 @@ one of two engines:
 - `--model HF_DIR`: the real `EmbeddedEngine`, with `--delay-s` added before each generation
   (a slow server, for timeout tests of the trainer's control plane).
 - `--prebuilt`: not `megafork serve`'s server but a minimal one that answers `/generate` with
-  a reply encoded once per request shape (random tokens, SGLang's fields) and then served from
-  memory, so a benchmark measures the client's ingestion rather than the server's JSON encoder.
+  prebuilt bytes: a few random samples encoded once in SGLang's reply shape, joined per request
+  shape and written with one `sendall`, so a benchmark measures the client's ingestion rather
+  than the server's JSON encoder.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import signal
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
 
 import numpy as np
@@ -129,11 +130,31 @@ class SlowEngine:
         return getattr(self._engine, name)
 
 
-def make_prebuilt_server(host: str, port: int, response_len: int, vocab_size: int, seed: int) -> ThreadingHTTPServer:
-    """SYNTHETIC: `/generate` answered from a per-shape cache of random replies (see the module docstring)."""
+def make_prebuilt_server(host: str, port: int, response_len: int, vocab_size: int, seed: int,
+                         pool_size: int = 16):
+    """SYNTHETIC: `/generate` answered with prebuilt reply bytes (see the module docstring).
+
+    `pool_size` distinct random samples per response length are encoded once, in SGLang's reply
+    shape (`output_ids`, `meta_info.output_token_logprobs` as [logprob, id, null] triples, finish
+    reason, weight version); a reply is those encoded items joined for as many samples as the
+    request asks, cached per request shape, and written to the socket as it is (`sendall` of the
+    cached bytes). So a request costs the server one small `json.loads` of the request body and a
+    kernel copy: what the benchmark measures is the client.
+    """
     engine = RandomTokenEngine(vocab_size, response_len, 0.0, seed)
+    encoded: dict[int, list[bytes]] = {}
     cache: dict[tuple, bytes] = {}
     lock = threading.Lock()
+
+    def items_for(max_new_tokens: int) -> list[bytes]:
+        if max_new_tokens not in encoded:
+            samples = engine.generate([[1]], SamplingParams(n=pool_size, max_new_tokens=max_new_tokens))
+            encoded[max_new_tokens] = [json.dumps({"text": "", "output_ids": s.response_ids, "meta_info": {
+                "id": f"synthetic-{k}", "finish_reason": {"type": s.finish_reason}, "prompt_tokens": 1,
+                "completion_tokens": len(s.response_ids), "cached_tokens": 0,
+                "output_token_logprobs": [[lp, t, None] for lp, t in zip(s.logprobs, s.response_ids)],
+                "weight_version": "synthetic"}}).encode() for k, s in enumerate(samples)]
+        return encoded[max_new_tokens]
 
     def reply(body: dict) -> bytes:
         prompts = body["input_ids"]
@@ -141,17 +162,15 @@ def make_prebuilt_server(host: str, port: int, response_len: int, vocab_size: in
         raw_sp = body.get("sampling_params", {})
         per_entry = isinstance(raw_sp, list)  # seeded requests: one entry (n=1) per sample
         first = raw_sp[0] if per_entry else raw_sp
-        sp = SamplingParams(n=1 if per_entry else int(first.get("n", 1)),
-                            max_new_tokens=int(first.get("max_new_tokens", 128)))
-        key = (len(prompts) if batch else 1, sp.n, sp.max_new_tokens, batch)
+        n = 1 if per_entry else int(first.get("n", 1))
+        max_new = int(first.get("max_new_tokens", 128))
+        count = (len(prompts) if batch else 1) * n
+        key = (count, max_new, batch)
         with lock:
             if key not in cache:
-                samples = engine.generate(prompts if batch else [prompts], sp)
-                items = [{"text": "", "output_ids": s.response_ids, "meta_info": {
-                    "id": f"synthetic-{k}", "finish_reason": {"type": s.finish_reason},
-                    "output_token_logprobs": [[lp, t, None] for lp, t in zip(s.logprobs, s.response_ids)],
-                    "weight_version": "synthetic"}} for k, s in enumerate(samples)]
-                cache[key] = json.dumps(items if batch or sp.n > 1 else items[0]).encode()
+                pool = items_for(min(response_len, max_new))
+                items = [pool[k % len(pool)] for k in range(count)]
+                cache[key] = items[0] if count == 1 and not batch else b"[" + b", ".join(items) + b"]"
             return cache[key]
 
     class Handler(BaseHTTPRequestHandler):
@@ -169,15 +188,15 @@ def make_prebuilt_server(host: str, port: int, response_len: int, vocab_size: in
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
+            self.end_headers()  # flushes the headers; the body goes out with one sendall, never copied
             try:
-                self.wfile.write(data)
+                self.connection.sendall(data)
             except (BrokenPipeError, ConnectionResetError):
                 pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    from megafork.rollout.server import ServeHTTPServer  # its listen backlog takes the client's bursts
+
+    return ServeHTTPServer((host, port), Handler)
 
 
 def main(argv: list[str] | None = None) -> int:
