@@ -110,6 +110,7 @@ int64_t parse_number(const char* s, int64_t i, int64_t end, T* out) {
 // Parses `[id, id, ...]` into ids[0:count].
 void parse_ids(const char* s, const Span& sp, int32_t* ids) {
   int64_t i = sp.begin + 1;
+  if (sp.count == 0) i = expect(s, i, sp.end, ']');
   for (int64_t j = 0; j < sp.count; ++j) {
     int64_t v;
     i = parse_number(s, i, sp.end, &v);
@@ -117,14 +118,16 @@ void parse_ids(const char* s, const Span& sp, int32_t* ids) {
     ids[j] = static_cast<int32_t>(v);
     i = expect(s, i, sp.end, j + 1 < sp.count ? ',' : ']');
   }
-  if (skip_ws(s, i, sp.end) != sp.end) fail("trailing bytes in output_ids", i);
+  if (i != sp.end) fail("trailing bytes in output_ids", i);
 }
 
 // Parses `[[lp, id, null], ...]` into lps[0:count], checking each id against ids[0:count].
 void parse_triples(const char* s, const Span& sp, const int32_t* ids, float* lps, int64_t count) {
   int64_t i = sp.begin + 1;
   int64_t j = 0;
-  if (skip_ws(s, i, sp.end) + 1 != sp.end) {
+  if (skip_ws(s, i, sp.end) + 1 == sp.end) {
+    i = sp.end;  // []
+  } else {
     while (true) {
       if (j >= count) fail("more output_token_logprobs than output_ids", i);
       i = expect(s, i, sp.end, '[');
