@@ -162,3 +162,32 @@ def test_receive_buffers_are_reused_and_grow_to_the_largest_reply():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("seed", [None, 4])
+def test_the_prebuilt_synthetic_server_answers_in_sglang_shape(seed):
+    """The benchmark's server: every group complete, ids matching their triples (checked by the parser)."""
+    import sys
+
+    from megafork.rollout import SamplingParams, launch_servers, stop_servers
+    from megafork.rollout.httpjson import request_json
+    from megafork.rollout.stream import StreamConfig, StreamingClient
+    from megafork.testing.multirank import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    (proc,) = launch_servers([[sys.executable, "-m", "megafork.testing.synthetic_serve", "--prebuilt", "--port",
+                               str(port), "--response-len", "30", "--vocab-size", "500"]], [url], timeout_s=60)
+    try:
+        sp = SamplingParams(n=3, max_new_tokens=20, seed=seed)
+        res = StreamingClient([url], StreamConfig(max_inflight_per_server=2, request_timeout_s=30)).run(
+            [[1, 2], [3], [4, 5, 6]], sp)
+        for i, g in enumerate(res.groups):
+            assert g.prompt_index == i and g.offsets.tolist() == [0, 20, 40, 60] and g.finish_reasons == ["length"] * 3
+            assert ((0 <= g.ids) & (g.ids < 500)).all() and (g.logprobs <= 0).all()
+        assert not np.array_equal(res.groups[0].ids[:20], res.groups[0].ids[20:40])  # distinct samples
+        status, single = request_json(url, "/generate", {"input_ids": [7, 8], "sampling_params": {"max_new_tokens": 9}})
+        assert status == 200 and isinstance(single, dict) and len(single["output_ids"]) == 9
+        assert [t[1] for t in single["meta_info"]["output_token_logprobs"]] == single["output_ids"]
+    finally:
+        stop_servers([proc], grace_s=2)
