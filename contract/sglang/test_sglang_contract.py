@@ -200,3 +200,49 @@ def test_sglang_comes_from_the_wheel_and_torch_stays_the_venvs_cpu_build():
 
     assert Path(io.__file__).resolve().is_relative_to(Path(sglang_env.SITE).resolve())
     assert torch.version.cuda is None and torch.__version__.startswith("2.13")
+
+
+def test_replies_written_by_sglangs_encoder_parse_on_the_fast_path(monkeypatch):
+    """SGLang's HTTP server writes `/generate` with `dumps_json`: orjson with its
+    ORJSON_RESPONSE_OPTIONS. The client's C++ parser reads that byte layout itself (no json
+    fallback), bit-identical to json. (The module imports fastapi, which this CPU install lacks,
+    so its options are read from the wheel's source and orjson is called as it calls it.)"""
+    import ast
+    import json
+
+    import numpy as np
+    import orjson
+
+    import megafork.rollout.reply as reply
+
+    src = (Path(sglang_env.SITE) / "sglang/srt/utils/json_response.py").read_text()
+    assert "return orjson.dumps(content, option=ORJSON_RESPONSE_OPTIONS)" in src
+    (options,) = [n.value for n in ast.parse(src).body if isinstance(n, ast.Assign)
+                  and getattr(n.targets[0], "id", "") == "ORJSON_RESPONSE_OPTIONS"]
+    options = eval(compile(ast.Expression(options), "json_response.py", "eval"), {"orjson": orjson})
+
+    def dumps_json(content):
+        return orjson.dumps(content, option=options)
+
+    gen = torch.Generator().manual_seed(0)
+    items, sources = [], []
+    for k, length in enumerate((7, 0, 300)):
+        ids = torch.randint(0, 151936, (length,), generator=gen)
+        lps = -torch.empty(length).exponential_(generator=gen)  # float32, as SGLang's log-prob tensors
+        lps[:3] = torch.tensor([-0.0, -1.1920928955078125e-07, -31.25])[:length]
+        item = {"text": "a \"b\"", "output_ids": ids.tolist(), "meta_info": {
+            "id": f"r{k}", "finish_reason": {"type": "length", "length": length}, "prompt_tokens": 3,
+            "completion_tokens": length, "cached_tokens": 0, "weight_version": "default",
+            "output_token_logprobs": [(lp, t, None) for lp, t in zip(lps.tolist(), ids.tolist())]}}
+        assert api_types.GenerateResponse.from_json_value(json.loads(dumps_json(item))).output_ids == ids.tolist()
+        items.append(item)
+        sources.append((ids, lps))
+    raw = dumps_json(items)
+    ref = reply.parse_group(json.loads(raw), 3, 0, "http://sglang")
+    monkeypatch.setattr(reply, "_decode_json", None)  # must not be needed
+    fast = reply.decode_reply(raw, 3, 0, "http://sglang")
+    assert np.array_equal(fast.ids, ref.ids) and fast.offsets.tolist() == ref.offsets.tolist() == [0, 7, 7, 307]
+    assert np.array_equal(fast.logprobs.view(np.uint32), ref.logprobs.view(np.uint32))
+    assert np.array_equal(fast.ids, torch.cat([s[0] for s in sources]).numpy())
+    assert np.array_equal(fast.logprobs.view(np.uint32), torch.cat([s[1] for s in sources]).numpy().view(np.uint32))
+    assert fast.finish_reasons == ["length"] * 3 and fast.weight_version == "default"
