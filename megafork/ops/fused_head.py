@@ -9,13 +9,17 @@ masks most tokens (forking tokens) pays for the selected rows only.
 
 The gradient returned for `hidden` is summed over the TP group inside the backward (one
 all-reduce of [T, H]), which is what megatron's ColumnParallelLinear returns for its input.
-Do not also route `hidden` through `copy_to_tensor_model_parallel_region`.
+Do not also route `hidden` through `copy_to_tensor_model_parallel_region`. The weight gradient
+is accumulated in fp32 and, under megatron DDP, added straight into the parameter's fp32
+`main_grad` (`megafork.ops.weight_grad`); the products and their precision for a bf16 weight
+are in `megafork.ops.head_gemm`.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from megafork.ops.head_gemm import HeadGemms
 from megafork.ops.vocab_stats import (
     VocabShard,
     Workspace,
@@ -31,6 +35,7 @@ from megafork.ops.vocab_stats import (
     make_shard,
     rows_by_chunk,
 )
+from megafork.ops.weight_grad import deliver_weight_grad
 
 
 def check_head_inputs(hidden, weight_shard, labels, tp_group, vocab_size, temperature, chunk_size):
@@ -56,66 +61,23 @@ def check_head_inputs(hidden, weight_shard, labels, tp_group, vocab_size, temper
     return shard, temperature, hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
 
 
-def block_logits(h: torch.Tensor, w_valid: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """[c, valid] logits of a row block, written into the first c rows of `out` (compute dtype)."""
-    z = out[:h.shape[0]]
-    if h.dtype == out.dtype:
-        torch.matmul(h, w_valid.T, out=z)
-    else:  # half-precision GEMM (what Megatron's output layer does), statistics in fp32
-        z.copy_(h @ w_valid.T)
-    return z
-
-
-def add_head_grads(dz: torch.Tensor, h_sel: torch.Tensor, w_valid: torch.Tensor, rows: torch.Tensor | None,
-                   dh: torch.Tensor | None, dw: torch.Tensor | None) -> None:
-    """dh[rows] = dz @ W and dw += dz^T @ h_sel for one block: the two gradient GEMMs.
-
-    Args:
-        dz: [k, valid] logits gradient of the selected rows (compute dtype).
-        h_sel: [k, H] hidden states of the selected rows.
-        w_valid: [valid, H] unpadded weight rows.
-        rows: [k] indices of the selected rows within the block, or None for every row.
-        dh: [c, H] slice of the hidden-gradient buffer to fill, or None.
-        dw: [valid, H] weight-gradient accumulator (compute dtype), or None.
-    """
-    dzw = dz if dz.dtype == w_valid.dtype else dz.to(w_valid.dtype)
-    if dh is not None:
-        if rows is None:
-            torch.matmul(dzw, w_valid, out=dh)
-        else:
-            dh.index_copy_(0, rows, dzw @ w_valid)
-    if dw is not None:
-        if h_sel.dtype == dw.dtype:
-            dw.addmm_(dz.T, h_sel)
-        else:  # half-precision GEMM, fp32 accumulation across blocks
-            dw.add_(dzw.T @ h_sel)
-
-
-def full_weight_grad(dw: torch.Tensor, shard: VocabShard, weight: torch.Tensor) -> torch.Tensor:
-    """Pad the [valid, H] gradient back to the [V_local, H] shard (padding rows get zero)."""
-    if shard.valid == shard.local_size:
-        return dw.to(weight.dtype)
-    out = torch.zeros_like(weight)
-    out[:shard.valid] = dw
-    return out
-
-
 class _FusedHeadLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, shard: VocabShard, temperature: float, group, chunk: int):
         t, cd = hidden.shape[0], compute_dtype(hidden.dtype)
-        w_valid = weight[:shard.valid]
+        mm = HeadGemms(weight[:shard.valid], cd)
         logprob, entropy = hidden.new_empty(t, dtype=cd), hidden.new_empty(t, dtype=cd)
         saved = hidden.new_empty(3, t, dtype=cd)  # max, sum_exp, mean_shifted
         ws = Workspace(min(chunk, t), shard.valid, cd, hidden.device)
         for a in range(0, t, chunk):
             b = min(t, a + chunk)
-            z = block_logits(hidden[a:b], w_valid, ws.z)
+            z = mm.logits(hidden[a:b], ws.z)
             _, st = chunk_stats(z, labels[a:b], shard, temperature, group, ws.e)
             logprob[a:b], entropy[a:b] = st.logprob, st.entropy
             saved[0, a:b], saved[1, a:b], saved[2, a:b] = st.max, st.sum_exp, st.mean_shifted
         ctx.save_for_backward(hidden, weight, labels, saved)
         ctx.shard, ctx.temperature, ctx.group, ctx.chunk = shard, temperature, group, chunk
+        ctx.weight = weight  # the parameter object itself: megatron DDP's main_grad is an attribute of it
         ctx.set_materialize_grads(False)
         return logprob, entropy
 
@@ -128,7 +90,7 @@ class _FusedHeadLogprobEntropy(torch.autograd.Function):
         shard, temperature, chunk = ctx.shard, ctx.temperature, ctx.chunk
         m, sum_exp, mean_shifted = saved
         t, cd = hidden.shape[0], saved.dtype
-        w_valid = weight[:shard.valid]
+        mm = HeadGemms(weight[:shard.valid], cd)
         dh = torch.zeros_like(hidden) if need_h else None
         dw = hidden.new_zeros(shard.valid, hidden.shape[1], dtype=cd) if need_w else None
         g1 = None if g_logprob is None else g_logprob.to(cd)
@@ -143,17 +105,19 @@ class _FusedHeadLogprobEntropy(torch.autograd.Function):
             # Only the rows with a gradient are recomputed and differentiated.
             idx = slice(a, b) if rows is None else rows + a
             h = hidden[idx]
-            z = block_logits(h, w_valid, ws.z)
+            z = mm.logits(h, ws.z)
             if temperature != 1.0:
                 z.div_(temperature)
             z.sub_(m[idx, None])
             e = torch.exp(z, out=ws.e[:z.shape[0]])
             dz = logits_grad(e, z, labels[idx], shard, temperature, sum_exp[idx], mean_shifted[idx],
                              None if g1 is None else g1[idx], None if g2 is None else g2[idx])
-            add_head_grads(dz, h, w_valid, rows, None if dh is None else dh[a:b], dw)
+            mm.add_grads(dz, h, rows, None if dh is None else dh[a:b], dw)
         if dh is not None:
             all_reduce(dh, dist.ReduceOp.SUM, ctx.group)
-        return dh, None if dw is None else full_weight_grad(dw, shard, weight), None, None, None, None, None
+        dw = None if dw is None else deliver_weight_grad(ctx.weight, dw, shard)
+        ctx.weight = None
+        return dh, dw, None, None, None, None, None
 
 
 def fused_head_logprobs_entropy(

@@ -2,28 +2,40 @@
 
     loss, metrics = fused_head_policy_loss(hidden, weight, labels, old_logprobs, advantages,
                                            fork_mask, tp_group=tp, normalizer=n_global)
-    loss.backward()          # only scales the stored gradients by grad_output
+    loss.backward()          # scales the stored gradients by grad_output and hands them over
 
 Per chunk of rows, the forward pass computes the logits (one GEMM), the exact vocab-parallel
 statistics, the per-token log-prob and entropy, and dL/dlogprob from
 `megafork.algo.loss.dapo_token_loss`. For the rows with a non-zero gradient (a subset of
 `loss_mask`: the forking tokens, minus tokens whose ratio is clipped), it gathers those rows
-and runs the two gradient GEMMs, dh = dz W and dW += dz^T h. So the LM head costs one logits
-GEMM plus about 2*rho gradient GEMMs, against three (four with recompute) for autograd, and no
-chunk's logits outlive the chunk.
+and runs the gradient GEMMs, dh = dz W and dW += dz^T h. So the LM head costs one logits GEMM
+plus about 2*rho gradient GEMMs (3*rho for a bf16 weight, whose dW takes two products to keep
+fp32 precision), against three (four with recompute) for autograd, and no chunk's logits
+outlive the chunk.
 
 Gradients, and how they reach Megatron:
-* dW is local to the TP rank's vocab shard. It is returned through autograd for the
-  `weight_shard` input, so when that tensor is the parameter itself (`output_layer.weight`,
-  or the shared embedding weight when tied) megatron DDP's grad-accumulation hook sees it in
-  `param.grad` and adds it to `param.main_grad`, as for any other layer.
 * dh is all-reduced (SUM) over the TP group in the forward, so `hidden` gets the full gradient
   (ColumnParallelLinear's input-gradient semantics). With sequence parallelism, gather the
   hidden states with `gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=False)`
   so the backward splits instead of reduce-scattering an already-summed gradient.
-* The stored dh [T, H] and dW [V_local, H] (fp32 accumulation, cast to the weight dtype) live
-  from this forward to its backward; Megatron's schedules run the last stage's backward right
-  after its forward, so one micro-batch's worth is held at a time.
+* dW, local to the TP rank's vocab shard, is accumulated over the chunks in an fp32 [valid, H]
+  buffer (`megafork.ops.head_gemm`: fp32 logits, and a two-term bf16 split of dz, so a bf16
+  weight's gradient keeps ~2e-6 relative precision instead of bf16's 2e-3).
+* The forward cannot scale by the backward's grad_output (Megatron's schedule multiplies the
+  loss by 1/num_microbatches or the fp16 loss scale after this op), so the buffers are held until
+  the backward, which scales them in place: dh, returned for `hidden`, and dW, handed over by
+  `megafork.ops.weight_grad.deliver_weight_grad`. When the weight is a parameter under megatron
+  DDP (it has `main_grad`), dW is added straight into the fp32 `main_grad` and autograd gets
+  megatron's dummy gradient (a view over dW's own memory; zeros for tied embeddings at PP=1), as
+  megatron's fused weight-gradient layers do; otherwise dW is returned through autograd in the
+  weight's dtype. `model.output_weight()` is that parameter (`output_layer.weight`, or the shared
+  embedding weight when tied), and micro-batches accumulate in `main_grad`.
+* Held from forward to backward: dh [T, H] (weight dtype) and dW [valid, H] (fp32); Megatron's
+  schedules run the last stage's backward right after its forward, so one micro-batch's worth at
+  a time. Recomputing the selected rows' logits in the backward would free the dW buffer
+  (4 bytes a weight element: 0.37-0.74 GiB at the shipped GPU configs) but costs another
+  rho-sized logits GEMM and rho*T*V exponentials, about a fifth of the head's time at rho = 0.2;
+  `megafork plan` counts the buffer.
 
 Wiring into megatron-core's `forward_backward_func` (megatron-core 0.16):
 
@@ -60,7 +72,8 @@ from megafork.algo.loss import (
     dapo_token_loss,
     resolve_normalizer,
 )
-from megafork.ops.fused_head import add_head_grads, block_logits, check_head_inputs, full_weight_grad
+from megafork.ops.fused_head import check_head_inputs
+from megafork.ops.head_gemm import HeadGemms
 from megafork.ops.vocab_stats import (
     Workspace,
     all_reduce,
@@ -70,14 +83,15 @@ from megafork.ops.vocab_stats import (
     logits_grad,
     rows_by_chunk,
 )
+from megafork.ops.weight_grad import deliver_weight_grad
 
 
 class _LossWithStoredGrads(torch.autograd.Function):
     """Identity on the loss value; its backward hands out gradients computed in the forward."""
 
     @staticmethod
-    def forward(ctx, loss, hidden, weight, dh, dw):
-        ctx.grads = (dh, dw)
+    def forward(ctx, loss, hidden, weight, dh, dw, shard):
+        ctx.grads, ctx.weight, ctx.shard = (dh, dw), weight, shard
         return loss.clone()
 
     @staticmethod
@@ -86,13 +100,13 @@ class _LossWithStoredGrads(torch.autograd.Function):
             raise RuntimeError("fused_head_policy_loss: backward ran twice through the same loss; its "
                                "stored gradients were already handed out (recompute the loss instead)")
         dh, dw = ctx.grads
-        ctx.grads = None
+        weight, ctx.grads, ctx.weight = ctx.weight, None, None
         # Scaled in place: the stored buffers belong to this node alone.
         if dh is not None:
             dh.mul_(grad_output.to(dh.dtype))
         if dw is not None:
-            dw.mul_(grad_output.to(dw.dtype))
-        return None, dh, dw, None, None
+            dw = deliver_weight_grad(weight, dw, ctx.shard, scale=grad_output)
+        return None, dh, dw, None, None, None
 
 
 def fused_head_policy_loss(
@@ -165,7 +179,7 @@ def fused_head_policy_loss(
     need_h, need_w = grad_on and hidden.requires_grad, grad_on and weight_shard.requires_grad
     t, cd = h2d.shape[0], compute_dtype(h2d.dtype)
     chunk = default_chunk(max(t, 1), shard.local_size, chunk_size)
-    w_valid = weight_shard.detach()[:shard.valid]
+    mm = HeadGemms(weight_shard.detach()[:shard.valid], cd)
     h_all = h2d.detach()
     logprob, entropy = h_all.new_empty(t, dtype=cd), h_all.new_empty(t, dtype=cd)
     dh = torch.zeros_like(h_all) if need_h else None
@@ -181,7 +195,7 @@ def fused_head_policy_loss(
         for a in range(0, t, chunk):
             b = min(t, a + chunk)
             h = h_all[a:b]
-            z = block_logits(h, w_valid, ws.z)
+            z = mm.logits(h, ws.z)
             e, st = chunk_stats(z, labels1d[a:b], shard, temperature, tp_group, ws.e)
             logprob[a:b], entropy[a:b] = st.logprob, st.entropy
             if not (need_h or need_w):
@@ -201,7 +215,7 @@ def fused_head_policy_loss(
             sel = slice(None) if rows is None else rows
             dz = logits_grad(e, None, labels1d[a:b][sel], shard, temperature,
                              st.sum_exp[sel], st.mean_shifted[sel], g[sel], None)
-            add_head_grads(dz, h, w_valid, rows, None if dh is None else dh[a:b], dw)
+            mm.add_grads(dz, h, rows, None if dh is None else dh[a:b], dw)
         if dh is not None:
             all_reduce(dh, dist.ReduceOp.SUM, tp_group)
 
@@ -214,7 +228,6 @@ def fused_head_policy_loss(
                            clip_ratio_c, ent, response)
     metrics["logprobs"], metrics["entropy"] = lp, ent
     if need_h or need_w:
-        dw_full = None if dw is None else full_weight_grad(dw, shard, weight_shard)
         dh_out = None if dh is None else dh.view(hidden.shape)
-        loss = _LossWithStoredGrads.apply(loss, hidden, weight_shard, dh_out, dw_full)
+        loss = _LossWithStoredGrads.apply(loss, hidden, weight_shard, dh_out, dw, shard)
     return loss, metrics
