@@ -113,3 +113,35 @@ def test_bad_input_exits_2_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--config", cfg, "--gpus", "6", f"model.hf_path={FIXTURES / 'qwen3_8b'}"])
     assert e.value.code == 2 and "--gpus: expected a multiple of parallel.tp*pp*cp = 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_workspace_formula_is_what_the_fused_head_allocates(dtype):
+    """`head_workspace_bytes` against the peak bytes the trainer's head really holds (CPU, aten level).
+
+    Shapes where every term is >= 9% of the total, every row selected (the worst case), the weight
+    under megatron's main_grad contract. For a bf16 weight the CPU also holds fp32 copies of the
+    weight and of a block's gradient operand (it has no mixed-dtype products; CUDA does not use
+    them), added explicitly.
+    """
+    from megafork.ops import fused_head_policy_loss
+    from megafork.plan.memory import head_workspace_bytes
+    from megafork.testing.live_bytes import LiveBytes
+
+    t, h_dim, v, chunk = 4096, 128, 2000, 128
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(t, h_dim, generator=g).to(dtype).requires_grad_()
+    weight = torch.nn.Parameter((0.2 * torch.randn(v, h_dim, generator=g)).to(dtype))
+    weight.main_grad, weight.grad_added_to_main_grad = torch.zeros(v, h_dim), False
+    labels = torch.randint(0, v, (t,), generator=g)
+    old, adv = torch.randn(t, generator=g) - 7.0, torch.randn(t, generator=g)
+    with LiveBytes() as probe:
+        loss, _ = fused_head_policy_loss(hidden, weight, labels, old, adv, torch.ones(t, dtype=torch.bool),
+                                         normalizer=t, chunk_size=chunk)
+        held = probe.live
+        loss.backward()
+    p = torch.finfo(dtype).bits // 8
+    predicted = head_workspace_bytes(t, h_dim, v, chunk, p) + ((v * h_dim + chunk * v) * 4 if p < 4 else 0)
+    assert abs(probe.peak - predicted) <= 0.05 * predicted, (probe.peak, predicted)
+    # Held from forward to backward: the hidden gradient and the fp32 weight gradient (+ vectors).
+    assert t * h_dim * p + v * h_dim * 4 <= held <= t * h_dim * p + v * h_dim * 4 + t * 32, held

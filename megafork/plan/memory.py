@@ -11,9 +11,10 @@ What each stage holds, per GPU (dtype bytes p: 2 for bf16):
 - activations: the worst micro-batch (micro_batch_size rows of max_prompt_len +
   max_response_len tokens, padded to TP under SP) times the micro-batches in flight on the stage
   (1F1B: pp - stage), `megafork.plan.activations`, plus one recompute unit replaying in the backward;
-- other: the fused LM-head workspace on the last stage (two [chunk, V/tp] fp32 buffers, the
-  [T, h] hidden gradient and the fp32 [V/tp, h] weight gradient it holds until the backward,
-  the [T, h] gathered hidden states under SP), the step's micro-batches resident on the GPU
+- other: the fused LM-head workspace on the last stage (`head_workspace_bytes`: two [chunk, V/tp]
+  fp32 buffers, a bf16 [chunk, V/tp] gradient operand, the [T, h] hidden gradient and the fp32
+  [V/tp, h] weight gradient it holds until the backward; plus the [T, h] gathered hidden states
+  under SP), the step's micro-batches resident on the GPU
   (42 bytes a token: ids, positions, labels int64; advantages, rollout/old log-probs, entropy
   fp32; response and fork masks), and an allowance of ALLOWANCE_GIB for the CUDA context, NCCL
   communicators and buffers, plus FRAGMENTATION of everything else for the caching allocator.
@@ -152,13 +153,35 @@ def _head_workspace(cfg, hf, tokens: int, p: int) -> float:
 
     tp = cfg.parallel.tp
     v_local = padded_vocab_size(hf.vocab_size, tp) // tp
-    chunk = cfg.model.head_chunk_tokens or max(1, _HEAD_CHUNK_ELEMENTS // v_local)
-    chunk = min(chunk, tokens)
-    buffers = 2 * chunk * v_local * 4                     # logits and exponentials of one chunk, fp32
-    dh = tokens * hf.hidden_size * p                      # hidden gradient, held until the backward
-    dw = v_local * hf.hidden_size * 4                     # fp32 weight gradient, held until the backward
     gathered = tokens * hf.hidden_size * p if cfg.parallel.sequence_parallel else 0
-    return buffers + dh + dw + gathered + tokens * 4 * 8  # + per-token fp32 vectors (logprob, entropy, stats)
+    return head_workspace_bytes(tokens, hf.hidden_size, v_local, cfg.model.head_chunk_tokens, p) + gathered
+
+
+def head_workspace_bytes(tokens: int, hidden: int, v_local: int, chunk_tokens: int, p: int) -> int:
+    """Peak bytes `fused_head_policy_loss` allocates over its forward and backward (on CUDA).
+
+    What it holds at the peak, the end of a forward block (`megafork.ops.fused_policy`): the two
+    [chunk, V/tp] fp32 blocks of logits and exponentials; for a half-precision model the bf16 copy
+    of a block's logits gradient (the operand of the gradient products, `megafork.ops.head_gemm`);
+    the [T, h] hidden gradient in the model dtype and the fp32 [V/tp, h] weight gradient, both held
+    until the backward; and 32 bytes a token of per-token vectors. The backward allocates nothing
+    more: it scales both in place, adds the weight gradient into main_grad and hands megatron's
+    dummy gradient over the fp32 buffer's memory (`megafork.ops.weight_grad`). On CPU the op also
+    holds an fp32 copy of a half-precision weight (no mixed-dtype products there).
+
+    Args:
+        tokens: rows of the micro-batch (T).
+        hidden: h.
+        v_local: the TP rank's vocab rows, padding included (padding rows count: an upper bound).
+        chunk_tokens: `model.head_chunk_tokens` (0: the op's default, DEFAULT_CHUNK_ELEMENTS / V_local).
+        p: bytes of the model dtype.
+    """
+    chunk = min(chunk_tokens or max(1, _HEAD_CHUNK_ELEMENTS // v_local), tokens)
+    blocks = 2 * chunk * v_local * 4                      # logits and exponentials of one chunk, fp32
+    operand = chunk * v_local * p if p < 4 else 0          # bf16 logits gradient of a chunk's rows
+    dh = tokens * hidden * p                               # hidden gradient, held until the backward
+    dw = v_local * hidden * 4                              # fp32 weight gradient, held until the backward
+    return blocks + operand + dh + dw + tokens * 4 * 8     # + per-token vectors (logprob, entropy, row plan)
 
 
 # Single changes, cheapest first (communication or compute they add).

@@ -39,7 +39,7 @@ def trajectories(n_traj: int = 8, seed: int = 3, vocab: int = 120):
 
 
 def build_policy(hf_dir, groups, model_cfg, optim_cfg, sequence_parallel: bool = False, dtype: str = "fp32",
-                 total_steps: int = 10) -> Policy:
+                 total_steps: int = 10, optimizer: bool = True) -> Policy:
     """Build, load and wrap the model and its optimizer as the trainer does.
 
     Args:
@@ -50,9 +50,11 @@ def build_policy(hf_dir, groups, model_cfg, optim_cfg, sequence_parallel: bool =
         sequence_parallel: megatron sequence parallelism.
         dtype: "fp32", "bf16" or "fp16".
         total_steps: length of the LR schedule.
+        optimizer: build megatron's optimizer (a bf16/fp16 one needs CUDA); without it, only the
+            schedule is configured, for gradient-only tests (`optimizer`/`scheduler` are None).
     """
     from megafork.models.qwen3 import Qwen3BuildOptions, build_qwen3, load_hf_weights, read_hf_config
-    from megafork.train.optim import build_optimizer, enable_per_token_loss, wrap_ddp
+    from megafork.train.optim import build_optimizer, configure_schedule, enable_per_token_loss, wrap_ddp
 
     hf = read_hf_config(hf_dir)
     opts = Qwen3BuildOptions(dtype=dtype, sequence_parallel=sequence_parallel, **model_cfg.build_options())
@@ -60,8 +62,11 @@ def build_policy(hf_dir, groups, model_cfg, optim_cfg, sequence_parallel: bool =
     load_hf_weights(model, hf_dir, groups)
     enable_per_token_loss(model)
     chunks = [wrap_ddp(model, groups, optim_cfg)]
-    optimizer, scheduler = build_optimizer(optim_cfg, chunks, total_steps=total_steps, groups=groups)
-    return Policy(model, chunks, optimizer, scheduler, hf.vocab_size)
+    if not optimizer:
+        configure_schedule(chunks, None, groups)
+        return Policy(model, chunks, None, None, hf.vocab_size)
+    opt, scheduler = build_optimizer(optim_cfg, chunks, total_steps=total_steps, groups=groups)
+    return Policy(model, chunks, opt, scheduler, hf.vocab_size)
 
 
 def update_once(policy: Policy, groups, trajs, ratio: float = 0.5, micro_batch_size: int = 2,
