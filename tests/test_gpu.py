@@ -5,7 +5,8 @@
     MEGAFORK_CHECK_DEVICE=cpu .venv/bin/python -m pytest tests/test_gpu.py   # CPU rehearsal
 
 What runs on the device, and what it is compared with:
-* the three LM-head ops in fp32 and bf16, values and gradients, against float64 on the CPU;
+* the three LM-head ops in fp32 and bf16, values and gradients, against float64 on the CPU; for
+  a bf16 weight, fp32 logits and the weight gradient in an fp32 main_grad at fp32-level error;
 * the radix threshold and the forking mask against `torch.topk` on the same tensors;
 * megafork's megatron-core Qwen3 (local spec; TE's when transformer-engine imports) through the
   trainer's old pass and `train_minibatches`, NCCL at world size 1, against the same steps on
@@ -106,6 +107,27 @@ def test_fused_policy_head_and_grads_match_float64(dtype, rho):
     assert abs(float(loss) - float(ref)) <= tol * max(abs(float(ref)), 1e-3), (float(loss), float(ref))
     assert _rel(h.grad, h64.grad) < tol and _rel(w.grad, w64.grad) < tol, (_rel(h.grad, h64.grad),
                                                                            _rel(w.grad, w64.grad))
+
+
+def test_bf16_head_fp32_logits_and_main_grad():
+    """bf16 weight: fp32 logits (mm with out_dtype on CUDA), dW into an fp32 main_grad far below bf16 error."""
+    g, hidden, weight, labels, vocab = _head_inputs(torch.bfloat16, seed=3, t=512, v_pad=512, vocab=500)
+    t = len(labels)
+    old, adv = torch.randn(t, generator=g) - 5.0, torch.randn(t, generator=g)
+    mask = torch.rand(t, generator=g) < 0.3
+    w64 = weight.double().requires_grad_()
+    lp_ref = torch.log_softmax((hidden.double() @ w64.T)[:, :vocab], -1).gather(-1, labels[:, None]).squeeze(-1)
+    (ref,) = torch.autograd.grad(dapo_policy_loss(lp_ref, old.double(), adv.double(), mask, normalizer=t)[0], w64)
+    dev = torch.device(DEVICE)
+    w = torch.nn.Parameter(weight.to(dev))
+    w.main_grad, w.grad_added_to_main_grad = torch.zeros(w.shape, device=dev), False  # megatron DDP's attributes
+    loss, metrics = fused_head_policy_loss(hidden.to(dev), w, labels.to(dev), old.to(dev), adv.to(dev), mask.to(dev),
+                                           vocab_size=vocab, normalizer=t, chunk_size=128)
+    loss.backward()
+    lp_err = float((metrics["logprobs"].double().cpu() - lp_ref.detach()).abs().max())
+    assert lp_err < 1e-4, f"log-probs off by {lp_err:.2e}: the logits were not fp32"
+    bf16_err, err = _rel(ref.to(torch.bfloat16), ref), _rel(w.main_grad, ref)
+    assert w.grad_added_to_main_grad and err < 1e-2 * bf16_err, f"main_grad {err:.2e}, bf16 rounding {bf16_err:.2e}"
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.5, 1.0])

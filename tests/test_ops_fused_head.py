@@ -95,6 +95,24 @@ def test_gradient_gemms_scale_with_selected_rows(rho):
     assert counter.flops == expected
 
 
+def test_bf16_weight_gradient_takes_two_products_for_fp32_precision():
+    """bf16: the logits GEMM, dh = dz W (one bf16 product), and dW as hi^T h + lo^T h (two)."""
+    from megafork.ops.head_gemm import native_mixed_mm
+
+    native_mixed_mm(torch.device("cpu"), torch.bfloat16)  # its 1x1 probe runs outside the counter
+    g, h, w, labels = _inputs(1, torch.bfloat16)
+    with torch.no_grad():
+        old, _ = fused_head_logprobs_entropy(h, w, labels)
+    adv = torch.randn(T, generator=g).sign()
+    mask = torch.zeros(T, dtype=torch.bool)
+    k = T // 4
+    mask[torch.randperm(T, generator=g)[:k]] = True
+    with GemmFlops() as counter:
+        loss, _ = fused_head_policy_loss(h, w, labels, old, adv, mask, chunk_size=16)
+        loss.backward()
+    assert counter.flops == 2 * T * V * H + 3 * (2 * k * V * H)
+
+
 @pytest.mark.parametrize("chunk", [None, 7, 64])
 def test_policy_head_matches_autograd_shapes_and_split(chunk):
     g, h, w, labels = _inputs(2)
