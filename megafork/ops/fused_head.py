@@ -116,7 +116,6 @@ class _FusedHeadLogprobEntropy(torch.autograd.Function):
         if dh is not None:
             all_reduce(dh, dist.ReduceOp.SUM, ctx.group)
         dw = None if dw is None else deliver_weight_grad(ctx.weight, dw, shard)
-        ctx.weight = None
         return dh, dw, None, None, None, None, None
 
 
