@@ -32,10 +32,11 @@ Gradients, and how they reach Megatron:
   embedding weight when tied), and micro-batches accumulate in `main_grad`.
 * Held from forward to backward: dh [T, H] (weight dtype) and dW [valid, H] (fp32); Megatron's
   schedules run the last stage's backward right after its forward, so one micro-batch's worth at
-  a time. Recomputing the selected rows' logits in the backward would free the dW buffer
-  (4 bytes a weight element: 0.37-0.74 GiB at the shipped GPU configs) but costs another
-  rho-sized logits GEMM and rho*T*V exponentials, about a fifth of the head's time at rho = 0.2;
-  `megafork plan` counts the buffer.
+  a time. Recomputing the selected rows' logits in the backward instead would free the dW buffer
+  (4 bytes a weight element: 0.36-0.73 GiB per GPU at the shipped GPU configs) but adds a
+  rho-sized logits GEMM and a second pass of exponentials over rho*T*V: at rho = 0.2, 1.6 -> 1.8
+  logits-GEMMs of products and +20% of the elementwise work, on every micro-batch. Every shipped
+  config fits with room to spare, so the buffer stays; `megafork plan` counts it.
 
 Wiring into megatron-core's `forward_backward_func` (megatron-core 0.16):
 
