@@ -19,7 +19,9 @@ All results are exact fp32: per row block, one MAX and one SUM all-reduce over `
 (max, sum-exp, sum p*z, target logit). Rank r holds global ids [r*V_local, (r+1)*V_local);
 `vocab_size` excludes Megatron's vocab padding from the softmax. The `hidden` gradient is summed
 over the TP group (ColumnParallelLinear's input-gradient semantics); the weight gradient is the
-local shard's. Every function works unchanged with `tp_group=None` on one process.
+local shard's, accumulated in fp32 and, for a parameter under megatron DDP, added into its fp32
+`main_grad` (`megafork.ops.weight_grad`); a bf16 weight gets fp32 logits (`megafork.ops.head_gemm`).
+Every function works unchanged with `tp_group=None` on one process.
 """
 from megafork.ops.fused_head import fused_head_logprobs_entropy
 from megafork.ops.fused_policy import fused_head_policy_loss
