@@ -4,7 +4,7 @@
 
 A bf16 megafork Qwen3 (megatron DDP, fp32 main_grad) runs the trainer's update path (old pass,
 top-50% selection, `run_schedule` over `pipeline.policy_forward_step`) on two gloo ranks, at
-TP=1 (DP=2) and TP=2, with tied and untied embeddings, over several micro-batches per rank
+TP=1 (DP=2, overlap_grad_reduce) and TP=2, with tied and untied embeddings, over several micro-batches per rank
 (main_grad must accumulate them). The fused head's inputs are recorded as the trainer passes
 them; the reference is d/dW [Σ DAPO loss / response tokens] in float64 from those bf16 inputs.
 The LM-head rows of main_grad must match it to ~fp32 precision, far below what bf16 rounding of
@@ -49,8 +49,9 @@ def _worker(rank, world, dirs):
     for tied, hf_dir in dirs.items():
         for tp in (1, 2):
             groups = init_distributed(ParallelConfig(tp=tp))
-            policy = build_policy(hf_dir, groups, ModelConfig(), OptimConfig(), dtype="bf16",
-                                  optimizer=False)
+            # DP=2 also with overlap_grad_reduce: DDP's hook must see a gradient (the dummy) to launch the reduce.
+            policy = build_policy(hf_dir, groups, ModelConfig(), OptimConfig(overlap_grad_reduce=tp == 1),
+                                  dtype="bf16", optimizer=False)
             trajs = trajectories(n_traj=8, seed=5, vocab=USED)[groups.dp_rank::groups.dp_size]
             mbs = pack_microbatches(trajs, micro_batch_size=2, pad_id=0)
             old_pass(policy.chunks, mbs, groups, policy.vocab_size, temperature=1.0, chunk_size=None)
