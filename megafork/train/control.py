@@ -6,26 +6,26 @@
 
 While rank 0 generates (minutes to hours at 20k-token responses), every other rank waits here, on
 gloo groups created with `rollout.step_timeout_minutes`, never inside an NCCL collective and its
-timeout. Shares travel over CPU:
+timeout. Shares travel over CPU in the columnar wire form of `megafork.train.wire`:
 
-1. rank 0 pickles each DP rank's share once (tensors as numpy buffers, no per-tensor zip
-   archives) and sends it, point to point, to that DP replica's *leader* (its lowest global
-   rank; rank 0 leads replica 0);
-2. each leader broadcasts the bytes over its replica's gloo group (its TP x PP x CP members).
+1. rank 0 sends each other DP replica's share, point to point, to that replica's *leader* (its
+   lowest global rank): a header of numpy arrays (no per-sample Python objects), then the token
+   columns in chunks of at most `chunk_bytes`, built and sent one at a time;
+2. each leader forwards every piece over its replica's gloo group (its TP x PP x CP members) as
+   it arrives.
 
-So rank 0 sends one copy of the step's batch in all (not world x share copies), nothing is staged
-on a GPU, and each replica member unpickles only its own share.
+So rank 0 holds its trajectories (8 B per generated token) plus one chunk, never a pickled copy
+of a share; it sends one copy of the step's batch in all (not world x share copies); nothing is
+staged on a GPU; and rank 0's own share is returned as it is (no copy at all at world size 1).
 """
 from __future__ import annotations
 
-import copyreg
 import datetime
-import io
-import pickle
 
-import numpy as np
 import torch
 import torch.distributed as dist
+
+from megafork.train import wire
 
 
 class ControlPlane:
@@ -34,12 +34,14 @@ class ControlPlane:
     Args:
         groups: the run's `ParallelGroups` (`rank`, `dp_rank`).
         timeout_minutes: how long a rank may wait for rank 0 (`rollout.step_timeout_minutes`).
+        chunk_bytes: the largest token chunk rank 0 builds while sending a share.
     """
 
-    def __init__(self, groups, timeout_minutes: float):
+    def __init__(self, groups, timeout_minutes: float, chunk_bytes: int = wire.CHUNK_BYTES):
         if not timeout_minutes > 0:
             raise ValueError(f"rollout.step_timeout_minutes: expected > 0, found {timeout_minutes!r}")
         self.rank = dist.get_rank()
+        self.chunk_bytes = chunk_bytes
         self.timeout = datetime.timedelta(minutes=timeout_minutes)
         self.world = dist.new_group(backend="gloo", timeout=self.timeout)
         dp_rank_of: list[int] = [0] * dist.get_world_size()
@@ -61,34 +63,54 @@ class ControlPlane:
 
         Args:
             payload: small picklable state every rank gets (rollout stats, sampler state).
-            shares: on rank 0, one entry per DP rank; ignored elsewhere.
+            shares: on rank 0, one entry per DP rank (a list of mini-batches of `Trajectory`);
+                ignored elsewhere.
 
         Returns:
-            (payload, this rank's share) on every rank.
+            (payload, this rank's share) on every rank; on rank 0 the share is `shares[0]` itself.
         """
-        blob = None
         if self.rank == 0:
             if shares is None or len(shares) != self.dp_size:
                 raise ValueError(f"ControlPlane.distribute: expected {self.dp_size} shares (one per DP rank), "
                                  f"found {None if shares is None else len(shares)}")
-            works, keep = [], []
             for dp, leader in enumerate(self.leaders):
-                data = encode((payload, shares[dp]))
-                if leader == 0:
-                    blob = data
-                    continue
-                size = torch.tensor([data.numel()], dtype=torch.int64)
-                keep += [size, data]
-                works += [dist.isend(size, dst=leader, group=self.world), dist.isend(data, dst=leader, group=self.world)]
-            for w in works:
-                w.wait()
-        elif self.rank == self.leaders[self.dp_rank]:
-            size = torch.zeros(1, dtype=torch.int64)
-            dist.recv(size, src=0, group=self.world)
-            blob = torch.empty(int(size.item()), dtype=torch.uint8)
-            dist.recv(blob, src=0, group=self.world)
-        blob = self._replica_broadcast(blob)
-        return decode(blob)
+                if leader != 0:
+                    self._send(shares[dp], payload, lambda t, dst=leader: dist.send(t, dst=dst, group=self.world))
+            if self.replica_group is not None:
+                self._send(shares[0], payload, self._forward)
+            return payload, shares[0]
+        if self.rank == self.leaders[self.dp_rank]:
+            def take(t: torch.Tensor) -> None:
+                dist.recv(t, src=0, group=self.world)
+                if self.replica_group is not None:
+                    self._forward(t)
+        else:
+            take = self._forward
+        size = torch.zeros(1, dtype=torch.int64)
+        take(size)
+        raw = torch.empty(int(size.item()), dtype=torch.uint8)
+        take(raw)
+        meta = wire.header_of(raw.numpy().tobytes())
+        del raw
+        columns = wire.empty_columns(meta)
+        for name, _, _, lo, hi in wire.chunk_plan(meta):
+            take(columns[name][lo:hi])
+        return wire.decode(meta, columns)
+
+    def _send(self, share, payload, put) -> None:
+        """Rank 0: the header, then the chunks, each built only when the previous one is gone."""
+        meta = wire.build_header(share, payload, self.chunk_bytes)
+        header = torch.frombuffer(bytearray(meta.to_bytes()), dtype=torch.uint8)
+        put(torch.tensor([header.numel()], dtype=torch.int64))
+        put(header)
+        del header
+        for _, chunk in wire.send_chunks(share, meta):
+            put(chunk)
+            del chunk
+
+    def _forward(self, t: torch.Tensor) -> None:
+        """Broadcast `t` from this replica's leader to its members (in place on the members)."""
+        dist.broadcast(t, src=self.replicas[self.dp_rank][0], group=self.replica_group)
 
     def broadcast(self, obj):
         """A small picklable object from rank 0 to every rank, over the gloo group."""
@@ -96,36 +118,6 @@ class ControlPlane:
         dist.broadcast_object_list(box, src=0, group=self.world)
         return box[0]
 
-    def _replica_broadcast(self, blob: torch.Tensor | None) -> torch.Tensor:
-        if self.replica_group is None:
-            return blob
-        members = self.replicas[self.dp_rank]
-        size = torch.tensor([blob.numel() if blob is not None else 0], dtype=torch.int64)
-        dist.broadcast(size, src=members[0], group=self.replica_group)
-        if blob is None:
-            blob = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.broadcast(blob, src=members[0], group=self.replica_group)
-        return blob
-
     def close(self) -> None:
         for g in {self.world, self.replica_group} - {None}:
             dist.destroy_process_group(g)
-
-
-def _reduce_tensor(t: torch.Tensor):
-    return torch.from_numpy, (t.detach().cpu().contiguous().numpy(),)
-
-
-def encode(obj) -> torch.Tensor:
-    """Pickle `obj` into a uint8 tensor; CPU tensors travel as numpy buffers (pickle protocol 5)."""
-    buf = io.BytesIO()
-    p = pickle.Pickler(buf, protocol=5)
-    p.dispatch_table = copyreg.dispatch_table.copy()
-    p.dispatch_table[torch.Tensor] = _reduce_tensor
-    p.dump(obj)
-    return torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8)
-
-
-def decode(blob: torch.Tensor):
-    """Inverse of `encode`."""
-    return pickle.loads(np.asarray(blob.numpy()).tobytes())

@@ -6,7 +6,6 @@ import torch.distributed as dist
 
 from megafork.train.balance import balance_partition, sequence_cost
 from megafork.train.batch import MicroBatch, Trajectory, seq_len
-from megafork.train.wire import from_wire, to_wire
 
 
 def broadcast_from(obj, src: int):
@@ -54,29 +53,6 @@ def split_for_dp(trajs: list[Trajectory], n: int, minibatch_prompts: int, dp_siz
         for r in range(dp_size):
             out[r].append([t for g in mini[r * per_rank:(r + 1) * per_rank] for t in g])
     return out
-
-
-def scatter_step(payload, shares: list | None, dp_rank_of: list[int]):
-    """From rank 0, give every rank `payload` plus its DP rank's entry of `shares`.
-
-    Each rank receives only its own share (not the whole step), so the traffic out of rank 0
-    is one copy of the batch per model-parallel replica member, not one per world rank.
-
-    Args:
-        payload: small picklable state every rank gets (rollout stats, sampler state).
-        shares: on rank 0, one entry per DP rank; ignored elsewhere.
-        dp_rank_of: the DP rank of every global rank.
-    """
-    world = dist.get_world_size()
-    if world == 1:  # nothing to send: skip the pickling round trip
-        return payload, shares[0]
-    # Columnar wire form: pickling a few flat tensors instead of ~3 small tensors per trajectory.
-    wires = [to_wire(s) for s in shares] if dist.get_rank() == 0 else None
-    outgoing = [(payload, wires[dp_rank_of[r]]) for r in range(world)] if dist.get_rank() == 0 else None
-    box = [None]
-    dist.scatter_object_list(box, outgoing, src=0)
-    payload, wire = box[0]
-    return payload, from_wire(wire)
 
 
 def response_tokens(microbatches: list[MicroBatch], field: str) -> torch.Tensor:
