@@ -147,7 +147,6 @@ def test_malformed_generate_is_400_naming_the_field(served, body, field):
     ("/update_weights_from_distributed", {"names": ["a", "b"], "dtypes": ["float32"], "shapes": [[2]]}, "dtypes"),
     ("/update_weights_from_distributed", {"names": ["a"], "dtypes": ["float32"], "shapes": [[2]],
                                           "load_format": "direct"}, "load_format"),
-    ("/destroy_weights_update_group", {"group_name": "nope"}, "group_name"),
     ("/update_weights_from_disk", {"load_format": "auto"}, "model_path"),
 ])
 def test_malformed_weight_requests_are_400_naming_the_field(served, path, body, field):

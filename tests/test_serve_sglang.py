@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -325,6 +327,50 @@ def test_sender_opens_and_closes_sessions_and_falls_back_once_on_404(served, cap
     finally:
         old.close()
         proxy.server.shutdown()
+
+
+# A trainer that dies after its sync, before `close()`: its group stays open on the server.
+_KILLED_TRAINER = """
+import os, signal, sys
+from safetensors.torch import load_file
+from megafork.rollout import HttpWeightSender, WeightSyncConfig
+url, hf_dir, group = sys.argv[1:]
+sender = HttpWeightSender([url], WeightSyncConfig(timeout_s=60, group_name=group))
+sender.connect()
+sender.send(load_file(hf_dir + "/model.safetensors").items(), weight_version="killed")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_trainers_group_is_destroyed_before_the_next_init(served, caplog):
+    from safetensors.torch import load_file
+
+    url, group = served["url"], "stale"
+    absent = {"success": False, "message": "The group to be destroyed does not exist."}  # SGLang 0.5.23's answer
+    assert request_json(url, "/destroy_weights_update_group", {"group_name": group}) == (400, absent)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_TRAINER, url, str(served["hf_dir"]), group],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert request_json(url, "/model_info")[1]["weight_version"] == "killed"
+    # Left open: a plain init of that name is refused, as SGLang refuses a name already in use.
+    status, out = request_json(url, "/init_weights_update_group", {
+        "master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 1, "world_size": 2,
+        "group_name": group, "backend": "gloo"})
+    assert status == 400 and out["success"] is False and "already exists" in out["message"], out
+    state = load_file(str(served["hf_dir"] / "model.safetensors"))
+    for expect_stale in (True, False):  # the next trainer, then one after a clean close
+        caplog.clear()
+        sender = HttpWeightSender([url], WeightSyncConfig(timeout_s=60, group_name=group))
+        with caplog.at_level(logging.WARNING, logger="megafork.rollout.weight_sync"):
+            sender.connect()
+        try:
+            assert sender.send(state.items(), weight_version=f"next-{expect_stale}").num_tensors == len(state)
+        finally:
+            sender.close()
+        destroyed = [r for r in caplog.records if "destroyed it before creating this run's" in r.getMessage()]
+        assert len(destroyed) == expect_stale, caplog.text
+        assert request_json(url, "/model_info")[1]["weight_version"] == f"next-{expect_stale}"
+    assert request_json(url, "/destroy_weights_update_group", {"group_name": group}) == (400, absent)
 
 
 def test_checksum_verification_is_probed_before_anything_is_sent(served):

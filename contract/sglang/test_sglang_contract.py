@@ -44,6 +44,7 @@ from megafork.rollout import (
     stop_servers,
 )
 from megafork.rollout.httpjson import request_json
+from megafork.rollout.process_group import destroy_weight_update_group
 from megafork.rollout.sglang_client import generate_body
 from megafork.testing.multirank import free_port
 from megafork.testing.sglang_source import generate_table
@@ -193,6 +194,30 @@ def test_sync_outside_a_session_is_refused_by_sglang_and_by_serve_alike(receiver
         real = request_json(receiver, path, {"selector": "all"} if "begin" in path else {})
         ours = request_json(serve, path, {"selector": "all"} if "begin" in path else {})
         assert real == ours, (path, real, ours)
+
+
+def test_a_stale_group_is_destroyed_before_init_on_sglang_and_unknown_groups_answer_alike(receiver, serve, tiny):
+    from safetensors.torch import load_file
+
+    absent = request_json(receiver, "/destroy_weights_update_group", {"group_name": "never-made"})
+    assert absent == request_json(serve, "/destroy_weights_update_group", {"group_name": "never-made"})
+    assert absent == (400, {"success": False, "message": "The group to be destroyed does not exist."})
+    # A trainer that dies without close(): its group stays open in SGLang's WeightUpdater.
+    state = load_file(str(tiny / "model.safetensors"))
+    config = WeightSyncConfig(timeout_s=60, group_name="stale", load_format="per_tensor")
+    dead = HttpWeightSender([receiver], config, engine_ranks=[1])
+    dead.connect()
+    dead.send(state.items(), weight_version="dead")
+    destroy_weight_update_group(dead.pg)  # gone on this side without telling the server, as in a killed process
+    dead.pg = None
+    dead.close()
+    nxt = HttpWeightSender([receiver], config, engine_ranks=[1])
+    nxt.connect()  # destroys SGLang's stale group first, or SGLang's init of the same name fails
+    try:
+        nxt.send(state.items(), weight_version="after-stale")
+    finally:
+        nxt.close()
+    assert request_json(receiver, "/contract/checksums")[1]["weight_version"] == "after-stale"
 
 
 def test_sglang_comes_from_the_wheel_and_torch_stays_the_venvs_cpu_build():

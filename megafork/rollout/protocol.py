@@ -21,6 +21,9 @@ from megafork.rollout.sglang_fields import REQUESTS, REQUIRED, SAMPLING_PARAMS
 from megafork.rollout.types import SamplingParams
 
 DEFAULT_GROUP = "weight_update_group"
+#: SGLang 0.5.23's answer (HTTP 400, success false) to destroying a weight-update group that does not
+#: exist (`model_runner_components/weight_updater.py::destroy_weights_update_group`).
+GROUP_ABSENT = "The group to be destroyed does not exist."
 
 
 class BadRequest(ValueError):

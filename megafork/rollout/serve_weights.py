@@ -151,7 +151,7 @@ class WeightService:
         with self.groups_lock:
             pg = self.groups.pop(name, None)
         if pg is None:
-            raise fail(f"group_name: the group {name!r} to be destroyed does not exist.")
+            raise fail(protocol.GROUP_ABSENT)  # SGLang's words: a trainer tolerates them before its init
         destroy_weight_update_group(pg)
         return {"success": True, "message": "Succeeded to destroy custom process group."}
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from megafork.rollout.buckets import BucketPacker, PackedBucket, dtype_name, iter_buckets, tensor_checksum
 from megafork.rollout.httpjson import check_ok, get_info, request_json
 from megafork.rollout.process_group import destroy_weight_update_group, init_weight_update_group
-from megafork.rollout.protocol import DEFAULT_GROUP
+from megafork.rollout.protocol import DEFAULT_GROUP, GROUP_ABSENT
 from megafork.rollout.types import RolloutError
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ class HttpWeightSender:
         if self.engine_ranks is None:
             self.engine_ranks = [int(i.get("tp_size", 1)) for i in infos]
         world = 1 + sum(self.engine_ranks)
+        self._destroy_stale_groups()
         port = cfg.master_port or _free_port()
         backend = cfg.resolved_backend()
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
@@ -170,6 +171,26 @@ class HttpWeightSender:
         self.pg = local.result(timeout=cfg.timeout_s)
         log.info("weight-update group %r ready: trainer + %s engine ranks via %s on %s:%d", cfg.group_name,
                  self.engine_ranks, backend, cfg.master_address, port)
+
+    def _destroy_stale_groups(self) -> None:
+        """Destroy a group of this sender's name left open on a server (by a trainer that was killed
+        before `close`), so that `/init_weights_update_group` does not get a 400.
+
+        SGLang 0.5.23 answers 400 `{"success": false, "message": "The group to be destroyed does not
+        exist."}` when there is none (`WeightUpdater.destroy_weights_update_group`), which is the
+        normal case; a server without the endpoint (404) is left to the init to judge.
+        """
+        path, name = "/destroy_weights_update_group", self.config.group_name
+        posts = {u: self._http.submit(request_json, u, path, {"group_name": name}, self.config.timeout_s)
+                 for u in self.urls}
+        for url, fut in posts.items():
+            status, payload = fut.result()
+            message = payload.get("message", "") if isinstance(payload, dict) else str(payload)
+            if status == 200 and not (isinstance(payload, dict) and payload.get("success") is False):
+                log.warning("%s had a weight-update group %r open (left by an earlier trainer that did not close "
+                            "it, e.g. one that was killed); destroyed it before creating this run's", url, name)
+            elif not (status == 404 or (status == 400 and GROUP_ABSENT in message)):
+                check_ok(url, path, status, payload)
 
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], weight_version: str | None = None) -> SyncStats:
         """Stream every tensor to every server; returns (and logs) bytes, seconds, GB/s.
@@ -298,6 +319,9 @@ class HttpWeightSender:
             for url in [u for u, f in posts.items() if f in done]:
                 answers[url] = check_ok(url, path, *posts.pop(url).result())
             if posts and local_done():
+                for w in local:  # our side failed (e.g. the rendezvous): the servers would wait forever
+                    if isinstance(w, Future) and w.exception() is not None:
+                        raise w.exception()
                 # Our side finished; the servers are loading. Block on their answers.
                 for url, f in list(posts.items()):
                     answers[url] = check_ok(url, path, *f.result(timeout=max(1.0, deadline - time.monotonic())))
