@@ -11,18 +11,27 @@
 - **Aborts.** `/abort_request` with `rid` ends every in-flight request whose id starts with it
   (SGLang's scheduler matches by prefix), `abort_all` ends all of them; their answers carry
   `finish_reason` `{"type": "abort"}` and the tokens made so far. A client that disconnects
-  aborts its own request at the next decoding step.
+  aborts its own request at the next decoding step. Every `/abort_request` is logged with the
+  number of requests it ended.
+- **Waiting queue.** With `max_running_requests` (`--max-running-requests`), at most that many
+  `/generate` calls generate at once (SGLang counts each prompt copy; here a call is the unit);
+  the others wait in arrival order, and an abort ends a waiting call at once with no tokens, as
+  SGLang ends a request still in its waiting queue.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
+from collections import deque
 from http import HTTPStatus
 
 from megafork.rollout import protocol
 from megafork.rollout.embedded import EmbeddedEngine
 from megafork.rollout.serve_weights import HttpError
 from megafork.rollout.types import validate_prompts
+
+log = logging.getLogger("megafork.serve")
 
 
 def _bad(message: str) -> HttpError:
@@ -35,11 +44,16 @@ class GenerateService:
     Args:
         engine: the engine.
         max_new_tokens_cap: refuse requests asking for more new tokens than this (None: no cap).
+        max_running_requests: `/generate` calls generating at once (None: no limit).
     """
 
-    def __init__(self, engine: EmbeddedEngine, max_new_tokens_cap: int | None = None):
+    def __init__(self, engine: EmbeddedEngine, max_new_tokens_cap: int | None = None,
+                 max_running_requests: int | None = None):
+        if max_running_requests is not None and max_running_requests < 1:
+            raise ValueError(f"max_running_requests: expected >= 1 or None, found {max_running_requests}")
         self.engine = engine
         self.max_new_tokens_cap = max_new_tokens_cap
+        self._slots = _WaitingQueue(max_running_requests) if max_running_requests else None
         cfg = engine.config
         self.context_len = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
         self._inflight: dict[str, threading.Event] = {}
@@ -61,6 +75,8 @@ class GenerateService:
             events = [e for rid, e in self._inflight.items() if req.abort_all or (req.rid and rid.startswith(req.rid))]
         for e in events:
             e.set()
+        log.info("/abort_request (%s): %d request(s) in flight ended", "abort_all" if req.abort_all else
+                 f"rid {req.rid!r}", len(events))
 
     def _check_lengths(self, prompts: list[list[int]], sampling) -> None:
         for i, (p, sp) in enumerate(zip(prompts, sampling)):
@@ -103,9 +119,14 @@ class GenerateService:
         if disconnected is not None:
             watcher = threading.Thread(target=_relay, args=(disconnected, cancels), daemon=True)
             watcher.start()
+        running = False
         try:
+            # Aborted while waiting: no slot needed, the engine ends cancelled rows before any step.
+            running = self._slots is None or self._slots.acquire(lambda: all(e.is_set() for e in cancels))
             samples = self._run(prompts, req, cancels)
         finally:
+            if running and self._slots is not None:
+                self._slots.release()
             with self._lock:
                 for rid in rids:
                     self._inflight.pop(rid, None)
@@ -170,3 +191,33 @@ def _finish_reason(sample, sp) -> dict:
         return {"type": "length", "length": sp.max_new_tokens}
     return {"type": "abort", "message": "The request was aborted (/abort_request, /pause_generation, a weight "
                                         "update, or its client disconnected)."}
+
+
+class _WaitingQueue:
+    """At most `slots` holders at once; waiters take a slot in arrival order."""
+
+    def __init__(self, slots: int):
+        self._free = slots
+        self._queue: deque[object] = deque()
+        self._cv = threading.Condition()
+
+    def acquire(self, ended) -> bool:
+        """Wait for a slot; returns False (holding none) as soon as `ended()` is true."""
+        ticket = object()
+        with self._cv:
+            self._queue.append(ticket)
+            try:
+                while not (self._queue[0] is ticket and self._free > 0):
+                    if ended():
+                        return False
+                    self._cv.wait(0.05)  # an abort sets events, not this condition: poll it
+                self._free -= 1
+                return True
+            finally:
+                self._queue.remove(ticket)
+                self._cv.notify_all()
+
+    def release(self) -> None:
+        with self._cv:
+            self._free += 1
+            self._cv.notify_all()

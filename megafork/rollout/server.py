@@ -59,9 +59,9 @@ class ServeState:
     """Everything the request handlers share: the engine, generation and weight services."""
 
     def __init__(self, engine: EmbeddedEngine, sync_timeout_s: float = 600.0, max_new_tokens_cap: int | None = None,
-                 host: str = "127.0.0.1", port: int = 0):
+                 host: str = "127.0.0.1", port: int = 0, max_running_requests: int | None = None):
         self.engine = engine
-        self.gen = GenerateService(engine, max_new_tokens_cap)
+        self.gen = GenerateService(engine, max_new_tokens_cap, max_running_requests)
         self.weights = WeightService(engine, sync_timeout_s)
         self.host, self.port = host, port
         self.startup_time = time.time()
@@ -262,7 +262,7 @@ class ServeHTTPServer(ThreadingHTTPServer):
 
 
 def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0, sync_timeout_s: float = 600.0,
-                max_new_tokens_cap: int | None = None) -> ServeHTTPServer:
+                max_new_tokens_cap: int | None = None, max_running_requests: int | None = None) -> ServeHTTPServer:
     """An HTTP server (not yet serving) for `engine`; `port=0` picks a free port.
 
     Args:
@@ -271,8 +271,9 @@ def make_server(engine: EmbeddedEngine, host: str = "127.0.0.1", port: int = 0, 
         port: TCP port (0: any free port; read it from `server.server_address`).
         sync_timeout_s: timeout of weight-update groups (rendezvous and broadcasts).
         max_new_tokens_cap: refuse requests asking for more new tokens (None: only the context bounds).
+        max_running_requests: `/generate` calls generating at once; later ones wait (None: no limit).
     """
-    state = ServeState(engine, sync_timeout_s, max_new_tokens_cap, host, port)
+    state = ServeState(engine, sync_timeout_s, max_new_tokens_cap, host, port, max_running_requests)
     server = ServeHTTPServer((host, port), make_handler(state))
     state.port = server.server_address[1]
     return server
@@ -290,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-rows", type=int, default=64, help="rows (prompts x n) per forward batch")
     ap.add_argument("--max-new-tokens-cap", type=int, default=None,
                     help="refuse requests with a larger max_new_tokens (default: only the model's context bounds)")
+    ap.add_argument("--max-running-requests", type=int, default=None,
+                    help="/generate calls generating at once; later ones wait in arrival order and an abort ends "
+                         "a waiting one at once, as SGLang's waiting queue (default: no limit)")
     ap.add_argument("--weight-sync-timeout", type=float, default=600.0,
                     help="seconds before a weight-update rendezvous or broadcast fails")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -298,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.max_new_tokens_cap is not None and args.max_new_tokens_cap < 1:
         return _startup_error(f"--max-new-tokens-cap: expected an integer >= 1, found {args.max_new_tokens_cap}")
+    if args.max_running_requests is not None and args.max_running_requests < 1:
+        return _startup_error(f"--max-running-requests: expected an integer >= 1, found {args.max_running_requests}")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         return _startup_error(f"cannot load --model {args.model}: {type(exc).__name__}: {_one_line(exc)}")
     host, port = server.server_address[:2]
     server.RequestHandlerClass = make_handler(ServeState(engine, args.weight_sync_timeout, args.max_new_tokens_cap,
-                                                         host, port))
+                                                         host, port, args.max_running_requests))
 
     def stop(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()
