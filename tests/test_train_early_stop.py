@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from megafork.rollout import launch_servers, stop_servers
 from megafork.testing import run_ranks
