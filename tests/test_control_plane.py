@@ -93,9 +93,16 @@ def test_wire_round_trip_is_exact_with_chunks_of_whole_items():
     assert any(c.data_ptr() == share[0][0].response_ids.data_ptr() for _, c in chunks)
 
 
-def test_wire_empty_share_and_bad_trajectories():
+def test_wire_empty_share_empty_items_and_bad_trajectories():
     (_, back), chunks = _through_wire([[], []])
     assert back == [[], []] and chunks == []
+    share = _shares(3, 1, groups=2)[0]
+    empty = dataclasses.replace(share[0][1], response_ids=share[0][1].response_ids[:0],
+                                rollout_logprobs=share[0][1].rollout_logprobs[:0])
+    share[0][1] = empty
+    (_, back), chunks = _through_wire(share, chunk_bytes=4)  # one item per chunk: no empty chunk
+    _same(share, back)
+    assert all(c.numel() > 0 for _, c in chunks)
     t = _step(0, 1)[0]
     with pytest.raises(ValueError, match=r"trajectory 0: response_ids: expected a 1-D CPU tensor, found list"):
         wire.build_header([[dataclasses.replace(t, response_ids=[1, 2])]], None)

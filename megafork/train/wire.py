@@ -131,19 +131,18 @@ def header_of(data: bytes | bytearray | memoryview) -> Header:
 def chunk_plan(meta: Header) -> list[tuple[str, int, int, int, int]]:
     """Every chunk of every column, the same on every rank: (column, first item, end item, first
     element, end element). A chunk holds whole items, at most `chunk_bytes` unless one item alone
-    is larger; empty columns have no chunk."""
+    is larger; no chunk is empty (items of no tokens travel in none)."""
     plan = []
     for name in TOKEN_COLUMNS:
         lengths = meta.lengths(name)
         itemsize = _dtype(meta, name).itemsize
         start, elem, size = 0, 0, 0
-        for i, n in enumerate(lengths.tolist()):
-            if i > start and (size + n) * itemsize > meta.chunk_bytes:
-                plan.append((name, start, i, elem, elem + size))
+        for i, n in enumerate([*lengths.tolist(), None]):
+            if n is None or (i > start and (size + n) * itemsize > meta.chunk_bytes):
+                if size:
+                    plan.append((name, start, i, elem, elem + size))
                 start, elem, size = i, elem + size, 0
-            size += n
-        if len(lengths) > start:
-            plan.append((name, start, len(lengths), elem, elem + size))
+            size += n or 0
     return plan
 
 
