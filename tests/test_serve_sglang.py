@@ -329,7 +329,7 @@ def test_sender_opens_and_closes_sessions_and_falls_back_once_on_404(served, cap
         proxy.server.shutdown()
 
 
-# A trainer that dies after its sync, before `close()`: its group stays open on the server.
+# A trainer that dies as its second sync begins: its group and session stay open on the server.
 _KILLED_TRAINER = """
 import os, signal, sys
 from safetensors.torch import load_file
@@ -338,6 +338,7 @@ url, hf_dir, group = sys.argv[1:]
 sender = HttpWeightSender([url], WeightSyncConfig(timeout_s=60, group_name=group))
 sender.connect()
 sender.send(load_file(hf_dir + "/model.safetensors").items(), weight_version="killed")
+sender._begin_session()  # killed as the next sync begins: the session stays open too
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
@@ -357,6 +358,8 @@ def test_a_killed_trainers_group_is_destroyed_before_the_next_init(served, caplo
         "master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 1, "world_size": 2,
         "group_name": group, "backend": "gloo"})
     assert status == 400 and out["success"] is False and "already exists" in out["message"], out
+    assert request_json(url, "/begin_weight_update", {"selector": "all"})[1]["message"].startswith(
+        "a weight-update session is already open")
     state = load_file(str(served["hf_dir"] / "model.safetensors"))
     for expect_stale in (True, False):  # the next trainer, then one after a clean close
         caplog.clear()
@@ -367,7 +370,8 @@ def test_a_killed_trainers_group_is_destroyed_before_the_next_init(served, caplo
             assert sender.send(state.items(), weight_version=f"next-{expect_stale}").num_tensors == len(state)
         finally:
             sender.close()
-        destroyed = [r for r in caplog.records if "destroyed it before creating this run's" in r.getMessage()]
+        destroyed = [r for r in caplog.records if "destroyed it and ended the weight-update session it had left "
+                     "open before creating this run's" in r.getMessage()]
         assert len(destroyed) == expect_stale, caplog.text
         assert request_json(url, "/model_info")[1]["weight_version"] == f"next-{expect_stale}"
     assert request_json(url, "/destroy_weights_update_group", {"group_name": group}) == (400, absent)

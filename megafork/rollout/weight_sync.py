@@ -174,7 +174,9 @@ class HttpWeightSender:
 
     def _destroy_stale_groups(self) -> None:
         """Destroy a group of this sender's name left open on a server (by a trainer that was killed
-        before `close`), so that `/init_weights_update_group` does not get a 400.
+        before `close`), so that `/init_weights_update_group` does not get a 400; a weight-update
+        session that trainer left open (killed mid-sync) is ended too, or `/begin_weight_update`
+        would be refused.
 
         SGLang 0.5.23 answers 400 `{"success": false, "message": "The group to be destroyed does not
         exist."}` when there is none (`WeightUpdater.destroy_weights_update_group`), which is the
@@ -187,8 +189,11 @@ class HttpWeightSender:
             status, payload = fut.result()
             message = payload.get("message", "") if isinstance(payload, dict) else str(payload)
             if status == 200 and not (isinstance(payload, dict) and payload.get("success") is False):
+                status, answer = request_json(url, "/end_weight_update", {}, self.config.timeout_s)
+                ended = status == 200 and not (isinstance(answer, dict) and answer.get("success") is False)
                 log.warning("%s had a weight-update group %r open (left by an earlier trainer that did not close "
-                            "it, e.g. one that was killed); destroyed it before creating this run's", url, name)
+                            "it, e.g. one that was killed); destroyed it%s before creating this run's", url, name,
+                            " and ended the weight-update session it had left open" if ended else "")
             elif not (status == 404 or (status == 400 and GROUP_ABSENT in message)):
                 check_ok(url, path, status, payload)
 
