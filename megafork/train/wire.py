@@ -5,7 +5,7 @@
         ...send chunk...
     meta = header_of(received_bytes)                          # a receiver
     cols = empty_columns(meta)                                # then receive each chunk into
-    for name, lo, hi in chunk_slices(meta): ...               # cols[name][lo:hi]
+    for name, _, _, lo, hi in chunk_plan(meta): ...           # cols[name][lo:hi]
     payload, share = decode(meta, cols)                       # the same trajectories, bit for bit
 
 A share is a list of mini-batches of `Trajectory`. Its token data travels as three flat columns
