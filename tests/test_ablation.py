@@ -16,14 +16,14 @@ import yaml
 
 from megafork.demo import ablation
 from megafork.testing.tiny_qwen3 import make_tiny_qwen3
+from megafork.testing.toy_prompts import write_double_prompts, write_sum_prompts
 
 
 def _tiny_config(root: Path) -> Path:
     hf = make_tiny_qwen3(root / "hf", seed=0)
     train, heldout = root / "train.jsonl", root / "heldout.jsonl"
-    train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
-                             for a in range(5) for b in range(5)))
-    heldout.write_text("".join(json.dumps({"prompt": f"{a}*2=", "answer": str(2 * a)}) + "\n" for a in range(4)))
+    write_sum_prompts(train, 5)
+    write_double_prompts(heldout, 4)
     cfg = {
         "model": {"hf_path": str(hf), "dtype": "float32", "head_chunk_tokens": 64},
         "parallel": {"tp": 1, "pp": 1, "backend": "gloo"},

@@ -35,6 +35,7 @@ from megafork.forking import select_forking_tokens, topk_threshold
 from megafork.ops import fused_head_logprobs_entropy, fused_head_policy_loss, vocab_parallel_logprobs_entropy
 from megafork.testing import run_ranks
 from megafork.testing.tiny_qwen3 import make_tiny_qwen3
+from megafork.testing.toy_prompts import write_sum_prompts
 
 DEVICE = os.environ.get("MEGAFORK_CHECK_DEVICE", "cuda")
 REHEARSAL = DEVICE == "cpu"
@@ -255,8 +256,7 @@ def _train(run_dir: Path, hf: Path, data: Path, *overrides: str) -> list[dict]:
 def test_trainer_two_steps_on_device_then_resume_repeats_step_two(tmp_path):
     hf = make_tiny_qwen3(tmp_path / "hf", seed=0)
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
-                            for a in range(6) for b in range(6)))
+    write_sum_prompts(data, 6)
     straight = _train(tmp_path / "runs/straight", hf, data, "train.steps=2", "train.save_every=1",
                       "train.resume=none", "train.seed=3")
     assert [r["step"] for r in straight] == [1, 2]

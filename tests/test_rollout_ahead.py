@@ -39,6 +39,7 @@ from megafork.testing.loop_worker import loop_worker
 from megafork.testing.multirank import free_port
 from megafork.testing.replay_proxy import ReplayProxy
 from megafork.testing.tiny_qwen3 import make_tiny_qwen3
+from megafork.testing.toy_prompts import write_sum_prompts
 from megafork.train.config import load_config
 from megafork.train.config_types import ConfigError
 
@@ -70,10 +71,7 @@ def tiny(tmp_path_factory):
     """Tiny random Qwen3, prompts, a served copy behind a recording proxy, and the run config."""
     root = tmp_path_factory.mktemp("ahead")
     make_tiny_qwen3(root / "hf", seed=0)
-    with (root / "train.jsonl").open("w") as f:
-        for a in range(6):
-            for b in range(6):
-                f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    write_sum_prompts(root / "train.jsonl", 6)
     url, procs = _serve(root / "hf")
     proxy = ReplayProxy(url).start()
     cfg = {

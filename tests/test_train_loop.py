@@ -23,6 +23,7 @@ import yaml
 from megafork.testing import run_ranks
 from megafork.testing.loop_worker import loop_worker
 from megafork.testing.tiny_qwen3 import make_tiny_qwen3
+from megafork.testing.toy_prompts import write_double_prompts, write_sum_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,13 +40,8 @@ DOCUMENTED_KEYS = {
 def _write_data(root: Path) -> tuple[Path, Path, Path]:
     hf = make_tiny_qwen3(root / "hf", seed=0)
     train, heldout = root / "train.jsonl", root / "heldout.jsonl"
-    with train.open("w") as f:
-        for a in range(6):
-            for b in range(6):
-                f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
-    with heldout.open("w") as f:
-        for a in range(4):
-            f.write(json.dumps({"prompt": f"{a}*2=", "answer": str(2 * a)}) + "\n")
+    write_sum_prompts(train, 6)
+    write_double_prompts(heldout, 4)
     return hf, train, heldout
 
 

@@ -32,6 +32,7 @@ from megafork.rollout.buckets import tensor_checksum
 from megafork.rollout.httpjson import request_json
 from megafork.testing.multirank import free_port
 from megafork.testing.tiny_qwen3 import make_tiny_qwen3
+from megafork.testing.toy_prompts import write_double_prompts, write_sum_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,13 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train_sglang")
     make_tiny_qwen3(root / "hf", seed=0)
-    with (root / "train.jsonl").open("w") as f:
-        for a in range(6):
-            for b in range(6):
-                f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
-    with (root / "heldout.jsonl").open("w") as f:
-        for a in range(4):
-            f.write(json.dumps({"prompt": f"{a}*2=", "answer": str(2 * a)}) + "\n")
+    write_sum_prompts(root / "train.jsonl", 6)
+    write_double_prompts(root / "heldout.jsonl", 4)
     cfg = {
         "model": {"hf_path": str(root / "hf"), "dtype": "float32", "head_chunk_tokens": 64},
         "parallel": {"tp": 2, "pp": 1, "backend": "gloo"},
