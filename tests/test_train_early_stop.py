@@ -24,6 +24,7 @@ from megafork.rollout import launch_servers, stop_servers
 from megafork.testing import run_ranks
 from megafork.testing.multirank import free_port
 from megafork.testing.tiny_qwen3 import make_tiny_qwen3
+from megafork.testing.toy_prompts import write_sum_prompts
 
 N = 2
 WANT = 2
@@ -65,10 +66,7 @@ def _spy_worker(rank, world, cfg_dict, url):
 
 def test_the_trainer_stops_early_aborts_on_the_server_and_keeps_prompt_order(tmp_path):
     hf = make_tiny_qwen3(tmp_path / "hf", seed=0)
-    with (tmp_path / "train.jsonl").open("w") as f:
-        for a in range(10):
-            for b in range(4):
-                f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    write_sum_prompts(tmp_path / "train.jsonl", 10, 4)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"

@@ -17,9 +17,14 @@ def _write(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_sum_prompts(path: str | Path, n: int = 6) -> Path:
-    """Write {"prompt": "a+b=", "answer": "a+b"} for a, b in 0..n-1 as jsonl; returns the path."""
-    return _write(path, [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(n) for b in range(n)])
+def write_sum_prompts(path: str | Path, n: int = 6, n_b: int | None = None) -> Path:
+    """Write {"prompt": "a+b=", "answer": "a+b"} for a in 0..n-1, b in 0..n_b-1 (default n) as jsonl, a-major.
+
+    Returns:
+        The path.
+    """
+    n_b = n if n_b is None else n_b
+    return _write(path, [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(n) for b in range(n_b)])
 
 
 def write_double_prompts(path: str | Path, n: int = 4) -> Path:
