@@ -159,6 +159,32 @@ def test_receive_buffers_are_reused_and_grow_to_the_largest_reply():
             conn.close()
         assert seen[0] is seen[1] and seen[2] is seen[3] and seen[1] is not seen[2]  # reused; replaced when too small
         assert len(buffers._free) == 1
+        # Eight requests at once, two received at a time: two buffers, never more than two replies held.
+        buffers, lock, held, most, errors = ReplyBuffers(max_receiving=2), threading.Lock(), [0], [0], []
+
+        def fetch(i):
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+                conn.request("GET", f"/{i % 4}")
+                resp = conn.getresponse()
+                with buffers.body(resp) as raw:
+                    with lock:
+                        held[0] += 1
+                        most[0] = max(most[0], held[0])
+                    threading.Event().wait(0.05)
+                    assert bytes(raw) == replies[i % 4]
+                    with lock:
+                        held[0] -= 1
+                conn.close()
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=fetch, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and most[0] == 2 and len(buffers._free) == 2
     finally:
         server.shutdown()
         server.server_close()

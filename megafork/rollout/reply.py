@@ -5,14 +5,15 @@
         group = decode_reply(raw, n=16, prompt_index=3, url="http://10.0.0.5:30000")
 
 A reply for one prompt group (n samples) is read into a receive buffer that is reused by the
-next request (`ReplyBuffers`: one buffer per request in flight, no per-reply allocation). Almost
+next request (`ReplyBuffers`: at most one buffer per core, whatever the number of requests in
+flight, and no per-reply allocation). Almost
 all of its bytes are the `output_ids` lists and the `meta_info.output_token_logprobs` triples;
 the C++ extension (`megafork._C.parse_generate_reply`) parses those straight from the buffer
 into the group's final int32 / float32 arrays, allocated at their exact size, with the GIL
 released. Only the small remainder (finish reasons, weight version, text) goes through `json`.
 
 A group therefore costs 8 bytes per generated token (plus a few hundred bytes per group), and the
-transient memory is one receive buffer per request in flight.
+transient memory is one receive buffer per reply being received (at most one per core).
 
 `parse_group` is the pure-Python twin: `json.loads` of the whole reply, then the same arrays.
 `decode_reply` falls back to it whenever the fast path meets anything it does not parse (token
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -75,12 +77,20 @@ class GroupResult:
 
 
 class ReplyBuffers:
-    """Receive buffers reused across requests: at most one per request in flight.
+    """Receive buffers reused across requests.
 
-    A buffer grows (by replacement) to the largest reply it has held; `clear()` lets them go.
+    At most `max_receiving` replies are read and parsed at once (more would not parse faster than
+    the cores allow); the other finished requests wait with their reply still in the socket. So
+    the transient memory is `max_receiving` buffers whatever `rollout.max_inflight_per_server`
+    is. A buffer grows (by replacement) to the largest reply it has held; `clear()` lets them go.
+
+    Args:
+        max_receiving: replies received at once (default: the CPU count, at least 2).
     """
 
-    def __init__(self):
+    def __init__(self, max_receiving: int | None = None):
+        self.max_receiving = max_receiving or max(2, os.cpu_count() or 2)
+        self._slots = threading.BoundedSemaphore(self.max_receiving)
         self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
 
@@ -97,6 +107,7 @@ class ReplyBuffers:
         if length is None:
             yield memoryview(resp.read())
             return
+        self._slots.acquire()
         with self._lock:
             buf = self._free.pop() if self._free else np.empty(0, dtype=np.uint8)
         try:
@@ -116,6 +127,7 @@ class ReplyBuffers:
         finally:
             with self._lock:
                 self._free.append(buf)
+            self._slots.release()
 
     def clear(self) -> None:
         with self._lock:

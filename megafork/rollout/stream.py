@@ -175,7 +175,7 @@ class StreamingClient:
         bar = _progress(cfg.progress, len(prompts) * sampling.n)
         pool = ThreadPoolExecutor(max_workers=len(servers) * cfg.max_inflight_per_server,
                                   thread_name_prefix="rollout-stream")
-        buffers = ReplyBuffers()  # one receive buffer per request in flight, reused for the whole call
+        buffers = ReplyBuffers()  # receive buffers reused for the whole call, one per reply being read (<= cores)
         try:
             while pending or inflight:
                 alive = [s for s in servers if s.alive]
