@@ -14,6 +14,11 @@ queue drains. The test checks, from outside the trainer's own bookkeeping:
   groups would still be generating);
 * the kept groups are the informative groups that arrived, in prompt order, not arrival order;
 * the step's metrics log `rollout_wasted_tokens` > 0 and the aborted requests.
+
+A real server delivers groups in roughly prompt order, so that run rarely tests the ordering. A
+second test drives `collect_rollouts` with the real embedded engine behind the streaming
+interface, delivering every round's groups last prompt first: the kept groups must still come out
+in prompt order (the test fails if `collect_rollouts` keeps them in arrival order).
 """
 from __future__ import annotations
 
@@ -108,3 +113,65 @@ def test_the_trainer_stops_early_aborts_on_the_server_and_keeps_prompt_order(tmp
     assert row["rollout_wasted_tokens"] > 0, row
     print(f"arrived {rec['arrived']}, kept {kept_at}, aborted {row['rollout_aborted_requests']} "
           f"(ended in flight {ended}), wasted tokens {row['rollout_wasted_tokens']}")
+
+
+class _ReversedArrivals:
+    """The real embedded engine behind the streaming interface, its groups arriving last prompt
+    first: arrival order then contradicts prompt order on every round, deterministically (a real
+    server only sometimes delivers out of order)."""
+
+    def __init__(self, engine):
+        self.engine, self.sent, self.arrived = engine, [], []
+
+    def generate(self, prompts, sampling):
+        return self.engine.generate(prompts, sampling)
+
+    def generate_groups(self, prompts, sampling, on_group):
+        from types import SimpleNamespace
+
+        from megafork.rollout.stream import StreamResult
+
+        samples, n = self.engine.generate(prompts, sampling), sampling.n
+        self.sent.append([list(p) for p in prompts])
+        self.arrived.append([])
+        for i in reversed(range(len(prompts))):
+            self.arrived[-1].append(i)
+            if on_group(SimpleNamespace(prompt_index=i, samples=lambda i=i: samples[i * n:(i + 1) * n])):
+                break
+        return StreamResult(groups=[])
+
+
+def test_kept_groups_follow_prompt_order_when_groups_arrive_in_reverse(tmp_path):
+    from megafork.data.dataset import PromptDataset, load_tokenizer
+    from megafork.data.sampler import PromptSampler
+    from megafork.rollout import EmbeddedEngine
+    from megafork.testing.rewards import has_digit
+    from megafork.train.config import Config
+    from megafork.train.rollout_phase import collect_rollouts
+
+    hf = make_tiny_qwen3(tmp_path / "hf", seed=0)
+    write_sum_prompts(tmp_path / "train.jsonl", 10, 4)
+    cfg = Config.from_dict({
+        "model": {"hf_path": str(hf), "dtype": "float32"},
+        "rollout": {"max_response_len": 8},
+        "algo": {"n": N, "overlong_shaping": False, "dynamic_sampling": True, "oversample": 4.0,
+                 "max_sampling_rounds": 3},
+        "data": {"train_path": str(tmp_path / "train.jsonl"), "max_prompt_len": 16},
+        "train": {"prompts_per_step": WANT, "minibatch_prompts": WANT, "seed": 3},
+        "log": {"dir": str(tmp_path / "runs")},
+    })
+    tokenizer = load_tokenizer(hf)
+    dataset = PromptDataset.from_config(cfg.data, tokenizer)
+    sampler = PromptSampler(len(dataset), WANT, cfg.train.seed, cfg.data.shuffle)
+    engine = _ReversedArrivals(EmbeddedEngine.from_pretrained(hf))
+    trajs, stats = collect_rollouts(engine, dataset, sampler, tokenizer, has_digit, cfg, step=0)
+
+    assert stats.groups_kept == WANT and len(engine.sent) == 1, (stats, engine.arrived)
+    (sent,), (arrived,) = engine.sent, engine.arrived
+    kept_at = [sent.index(t.prompt_ids.tolist()) for t in trajs[::N]]
+    # The round stopped early, last prompt first, and the groups it kept arrived in the opposite
+    # order to the one they are kept in.
+    assert len(arrived) < len(sent) and arrived == sorted(arrived, reverse=True), arrived
+    assert kept_at == sorted(kept_at) and [i for i in arrived if i in kept_at] == kept_at[::-1], (kept_at, arrived)
+    assert all(len({t.reward for t in trajs[g:g + N]}) == 2 for g in range(0, len(trajs), N)), trajs
+    assert [t.group for t in trajs] == [g for g in range(WANT) for _ in range(N)]
