@@ -347,6 +347,9 @@ def to_transformer_config(hf: Qwen3HFConfig, opts: Qwen3BuildOptions, tp: int = 
         recompute_method=opts.recompute_method,
         recompute_num_layers=opts.recompute_num_layers,
         recompute_modules=opts.recompute_modules,
+        # No CUDA graphs are captured; megatron-core 0.16's default scope "full" only trips its own
+        # deprecation warning on every build ([] is the same whole-layer scope).
+        cuda_graph_scope=[],
     )
 
 
