@@ -145,3 +145,23 @@ def test_head_workspace_formula_is_what_the_fused_head_allocates(dtype):
     assert abs(probe.peak - predicted) <= 0.05 * predicted, (probe.peak, predicted)
     # Held from forward to backward: the hidden gradient and the fp32 weight gradient (+ vectors).
     assert t * h_dim * p + v * h_dim * 4 <= held <= t * h_dim * p + v * h_dim * 4 + t * 32, held
+
+
+def test_packing_and_cpu_offload_are_planned(capsys):
+    """A packed micro-batch is one row of the token budget (or one longer sequence); cpu_offload
+    puts the optimizer state on the host. Neither may be ignored by the plan."""
+    base = ["--config", str(CONFIGS / "qwen3_8b.yaml"), "--json", "--gpus", "32",
+            f"model.hf_path={FIXTURES / 'qwen3_8b'}"]
+
+    def stage0(*overrides):
+        main(base + list(overrides))
+        return json.loads(capsys.readouterr().out)["stages"][0]
+
+    ref = stage0()
+    longest = 2048 + 20480  # the shipped config's max_prompt_len + max_response_len, micro_batch_size 1
+    assert stage0(f"train.max_tokens_per_microbatch={longest // 2}") == ref  # a lone longer sequence
+    packed = stage0(f"train.max_tokens_per_microbatch={2 * longest}")
+    assert packed["activations_gib"] > 1.9 * ref["activations_gib"], (packed, ref)
+    offload = stage0("optim.cpu_offload=true")
+    assert ref["optimizer_gib"] > 0 and offload["optimizer_gib"] == 0
+    assert offload["total_gib"] < ref["total_gib"] - ref["optimizer_gib"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from megafork.ops.vocab_stats import default_chunk
 from megafork.plan.activations import LayerShape, recompute_workspace_bytes, stage_bytes
 
 GIB = 1024**3
@@ -33,7 +34,6 @@ ALLOWANCE_GIB = 2.5       # CUDA context (~0.5-1 GiB) + NCCL communicators and b
 FRAGMENTATION = 0.05      # caching-allocator slack on top of everything else
 RESIDENT_BYTES_PER_TOKEN = 3 * 8 + 4 * 4 + 2 * 1
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-_HEAD_CHUNK_ELEMENTS = 2**25  # megafork.ops.vocab_stats.DEFAULT_CHUNK_ELEMENTS
 
 
 @dataclass
@@ -106,10 +106,12 @@ def plan_memory(cfg, hf, gpus: int | None = None, gpu_mem_gib: float = 80.0, mar
     if param_counts is None:
         param_counts = stage_param_counts(hf, par.tp, par.pp)
     p = _DTYPE_BYTES[cfg.model.dtype]
-    seq = cfg.data.max_prompt_len + cfg.rollout.max_response_len
+    longest = cfg.data.max_prompt_len + cfg.rollout.max_response_len
+    # A packed micro-batch (train/packing.py) is one row of the token budget, or one longer sequence.
+    budget = cfg.train.max_tokens_per_microbatch
+    b, seq = (1, max(budget, longest)) if budget else (cfg.train.micro_batch_size, longest)
     if par.sequence_parallel:
         seq = -(-seq // par.tp) * par.tp
-    b = cfg.train.micro_batch_size
     ls = LayerShape(hidden=hf.hidden_size, ffn=hf.intermediate_size, heads=hf.num_attention_heads,
                     kv_heads=hf.num_key_value_heads, head_dim=hf.head_dim, tp=par.tp,
                     sequence_parallel=par.sequence_parallel, act_bytes=p,
@@ -119,7 +121,7 @@ def plan_memory(cfg, hf, gpus: int | None = None, gpu_mem_gib: float = 80.0, mar
               modules=tuple(m.recompute_modules) if m.recompute == "selective" else ())
     layers = hf.num_hidden_layers // par.pp
     sequences = cfg.train.prompts_per_step * cfg.algo.n // dp
-    resident = sequences * seq * RESIDENT_BYTES_PER_TOKEN
+    resident = sequences * longest * RESIDENT_BYTES_PER_TOKEN
     stages = []
     for stage, params in enumerate(param_counts):
         first, last = stage == 0, stage == par.pp - 1
@@ -129,6 +131,8 @@ def plan_memory(cfg, hf, gpus: int | None = None, gpu_mem_gib: float = 80.0, mar
         opt = params * (8 + (4 if p < 4 else 0))
         if cfg.optim.distributed_optimizer:
             opt /= dp
+        if cfg.optim.cpu_offload:  # optimizer_offload_fraction=1.0: fp32 main params and Adam on the host
+            opt = 0.0
         act = in_flight * stage_bytes(ls, b, seq, layers, first, last, rc["recompute"], rc["method"],
                                       rc["num_layers"], rc["modules"])
         act += recompute_workspace_bytes(ls, b, seq, layers, rc["recompute"], rc["method"], rc["num_layers"],
@@ -176,7 +180,7 @@ def head_workspace_bytes(tokens: int, hidden: int, v_local: int, chunk_tokens: i
         chunk_tokens: `model.head_chunk_tokens` (0: the op's default, DEFAULT_CHUNK_ELEMENTS / V_local).
         p: bytes of the model dtype.
     """
-    chunk = min(chunk_tokens or max(1, _HEAD_CHUNK_ELEMENTS // v_local), tokens)
+    chunk = default_chunk(tokens, v_local, chunk_tokens or None)
     blocks = 2 * chunk * v_local * 4                      # logits and exponentials of one chunk, fp32
     operand = chunk * v_local * p if p < 4 else 0          # bf16 logits gradient of a chunk's rows
     dh = tokens * hidden * p                               # hidden gradient, held until the backward
