@@ -149,8 +149,7 @@ def plot(result: dict, path: Path) -> Path:
         steps = [s for s, _ in curves[0]]
         curves = [c for c in curves if [s for s, _ in c] == steps]  # same eval schedule for every seed
         acc = [[a for _, a in c] for c in curves]
-        mean = [statistics.fmean(col) for col in zip(*acc)]
-        sd = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*acc)]
+        mean, sd = zip(*(_mean_sd(list(col)) for col in zip(*acc)))
         ax.plot(steps, mean, marker="o", label=f"{name} (n={len(acc)})")
         ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.2)
     ax.set_xlabel("RL step")

@@ -1,7 +1,7 @@
 """Where the rollout servers live relative to the trainer: the weight-sync address and GPU layout.
 
     addr = resolve_master_addr("", ["http://10.0.0.5:30000"])   # "" -> the local address routing to 10.0.0.5
-    check_gpu_layout(trainer_gpus=4, launch=SGLangLaunchConfig(model_path=..., num_servers=1, tp_size=4, base_gpu_id=4))
+    check_gpu_layout(trainer_gpus=4, base_gpu_id=4, num_servers=1, tp_size=4)   # GPUs 4-7; 0-3 would be refused
 
 The weight-update group's TCP store listens on trainer rank 0; every SGLang server connects to
 `master_address`, so it must be an address of rank 0's host that the servers can route to. The

@@ -70,10 +70,14 @@ def _decode(raw: bytes, content_type: str) -> object:
         return raw.decode(errors="replace")
 
 
+def succeeded(status: int, payload: object) -> bool:
+    """Whether an answer is a success: no HTTP error and no SGLang `success: false`."""
+    return status < 400 and not (isinstance(payload, dict) and payload.get("success") is False)
+
+
 def check_ok(url: str, path: str, status: int, payload: object) -> object:
     """Raise `RolloutError` naming the URL unless the answer is a success (SGLang's `success` flag too)."""
-    failed = status >= 400 or (isinstance(payload, dict) and payload.get("success") is False)
-    if failed:
+    if not succeeded(status, payload):
         msg = payload.get("message") or payload.get("error") if isinstance(payload, dict) else payload
         raise RolloutError(f"{url.rstrip('/')}{path}: HTTP {status}: {msg}")
     return payload

@@ -64,10 +64,6 @@ class GroupResult:
     def num_tokens(self) -> int:
         return int(self.ids.shape[0])
 
-    @property
-    def aborted(self) -> bool:
-        return any(r == "abort" for r in self.finish_reasons)
-
     def samples(self) -> list[Sample]:
         """The responses as `Sample`s whose ids/log-probs are views into the group's arrays."""
         o = self.offsets

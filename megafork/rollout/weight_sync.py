@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megafork.rollout.buckets import BucketPacker, PackedBucket, dtype_name, iter_buckets, tensor_checksum
-from megafork.rollout.httpjson import check_ok, get_info, request_json
+from megafork.rollout.httpjson import check_ok, get_info, request_json, succeeded
 from megafork.rollout.process_group import destroy_weight_update_group, init_weight_update_group
 from megafork.rollout.protocol import DEFAULT_GROUP, GROUP_ABSENT
 from megafork.rollout.types import RolloutError
@@ -188,9 +188,9 @@ class HttpWeightSender:
         for url, fut in posts.items():
             status, payload = fut.result()
             message = payload.get("message", "") if isinstance(payload, dict) else str(payload)
-            if status == 200 and not (isinstance(payload, dict) and payload.get("success") is False):
+            if succeeded(status, payload):
                 status, answer = request_json(url, "/end_weight_update", {}, self.config.timeout_s)
-                ended = status == 200 and not (isinstance(answer, dict) and answer.get("success") is False)
+                ended = succeeded(status, answer)
                 log.warning("%s had a weight-update group %r open (left by an earlier trainer that did not close "
                             "it, e.g. one that was killed); destroyed it%s before creating this run's", url, name,
                             " and ended the weight-update session it had left open" if ended else "")

@@ -78,17 +78,13 @@ from megafork.train.checkpoint_commit import (  # noqa: F401
     _barrier,
     _broadcast_str,
     _fsync_file,
-    _is_rank0,
     _publish,
     _raise_everywhere,
     _remove_stale,
     _world,
 )
 from megafork.train.checkpoint_layout import (  # noqa: F401
-    _STEP_RE,
-    _TMP_RE,
     FORMAT_VERSION,
-    LATEST_FILE,
     META_FILE,
     CheckpointError,
     capture_rng_state,

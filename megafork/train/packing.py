@@ -137,10 +137,9 @@ def equalize(per_mini: list[list[MicroBatch]], counts: list[int], spec: PackingS
 
 def empty_microbatch(spec: PackingSpec) -> MicroBatch:
     """A micro-batch with no sequence: `spec.multiple` padding tokens, no labels, no loss."""
-    if spec.max_tokens:
-        return pack_row([], spec.pad_id, spec.multiple)
     mb = pack_row([], spec.pad_id, spec.multiple)
-    mb.cu_seqlens = None  # the padded layout: one row of padding under the plain causal mask
+    if not spec.max_tokens:
+        mb.cu_seqlens = None  # the padded layout: one row of padding under the plain causal mask
     return mb
 
 

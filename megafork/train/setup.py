@@ -42,7 +42,6 @@ class Run:
     packing: PackingSpec = None  # micro-batch layout (token budget or padded rows)
     engine: object = None   # rank 0 only
     sender: object = None   # rank 0 only
-    pad_multiple: int = 1   # micro-batch lengths are rounded up to a multiple of this
 
     @staticmethod
     def resolve_pad_multiple(pad_multiple: int, device) -> int:
@@ -96,8 +95,7 @@ def build_run(cfg, groups) -> Run:
     run = Run(cfg=cfg, groups=groups, model=chunks, optimizer=optimizer, scheduler=scheduler,
               vocab_size=hf.vocab_size, loss_cfg=loss_cfg, tokenizer=tokenizer, dataset=dataset,
               eval_dataset=eval_dataset, sampler=sampler, reward_fn=get_reward(cfg.data.reward),
-              packing=packing_spec(cfg, groups, tokenizer), engine=engine, sender=sender,
-              pad_multiple=sp_pad_multiple(Run.resolve_pad_multiple(cfg.train.pad_multiple, groups.device), cfg, groups))
+              packing=packing_spec(cfg, groups, tokenizer), engine=engine, sender=sender)
     return run
 
 
